@@ -1,0 +1,353 @@
+"""Build the scfoundation website from the notebooks, offline, with tools installable from PyPI.
+
+    python tools/build_docs.py            # -> _docs/index.html (open it, or serve _docs/)
+    python tools/build_docs.py --quarto   # nbdev_docs instead (only where quarto is installed)
+
+The three steps:
+
+1. nbdev's own doc processing (`nbdev.serve.proc_nbs`, what `nbdev_proc_nbs` runs without
+   quarto): honours `#| hide`, hides `#| export` source and adds `show_doc` for exported
+   names, runs the `show_doc` cells so that the API reference is current, writes `_proc/`.
+2. The processed notebooks are turned from quarto's dialect into myst-nb's: cell options
+   (`#| echo: false`, `#| output: asis`, ...) become cell tags, YAML front matter becomes the
+   page title, quarto callouts become admonitions; the home page gets the chapter toctree,
+   and an API index page links every `show_doc` entry. Staged in `_proc/_sphinx/`.
+3. Sphinx + myst-nb render the staged notebooks (never executing them: the committed outputs
+   are shown) into `_docs/`, with MathJax served from the site itself.
+
+A manifest `_docs/_scf_pages.json` lists every page (its notebook, title, API names,
+whether it has maths and an Exercises section), for tests/test_docs.py.
+"""
+import argparse, json, re, shutil, subprocess, sys, time
+from importlib.util import find_spec
+from pathlib import Path
+
+import yaml
+from docutils.nodes import make_id
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "docs"
+SKIP_PARTS = ("_proc", "_docs", "_site", ".ipynb_checkpoints")
+
+# quarto cell option -> myst-nb cell tag, for the value that hides something
+HIDING_OPTIONS = {"include": "remove-cell", "echo": "remove-input", "output": "remove-output"}
+# quarto callout type -> Sphinx admonition
+CALLOUTS = {"note": "note", "tip": "tip", "warning": "warning", "important": "important", "caution": "caution"}
+DIRECTIVE_LINE = re.compile(r"^\s*#\s*\|\s*([\w-]+)\s*:?\s*(.*?)\s*$")
+CALLOUT_OPEN = re.compile(r"^(\s*)(:{3,})\s*\{\s*\.callout-(\w+)([^}]*)\}\s*$")
+TITLE_ATTR = re.compile(r"""title\s*=\s*["']([^"']*)["']""")
+SHOWDOC_RULE = re.compile(r"^\s*---\s*\n")  # show_doc's leading rule: a CSS border instead
+SHOWDOC_HEADING = re.compile(r"^#{2,4}\s+(\S+)\s*$", re.M)
+MATH = re.compile(r"(?<!\\)\$|\\begin\{|\\\(|\\\[")
+EXERCISES = re.compile(r"^#{1,3}\s+Exercises\b", re.M | re.I)
+
+
+def find_notebooks(nbs_path: Path,  # folder holding the notebooks (settings.ini's nbs_path)
+                  ) -> list:  # notebook paths: index first, then in file-name order
+    "Every notebook under `nbs_path` (subfolders too), skipping names nbdev skips (`_x`, `.x`)."
+    found = [p for p in nbs_path.rglob("*.ipynb")
+             if not any(part in SKIP_PARTS or part[0] in "._" for part in p.relative_to(nbs_path).parts)]
+    return sorted(found, key=lambda p: (p.relative_to(nbs_path).as_posix() != "index.ipynb", p.relative_to(nbs_path).as_posix()))
+
+
+def split_directives(source: str,  # code cell source
+                    ) -> tuple:  # (options dict: name -> value string, source without directive lines)
+    "Separate a cell's leading `#| name: value` lines (nbdev and quarto options) from its code."
+    lines, options = source.splitlines(), {}
+    while lines and (DIRECTIVE_LINE.match(lines[0]) or not lines[0].strip()):
+        match = DIRECTIVE_LINE.match(lines[0])
+        if match: options[match.group(1).lower()] = match.group(2).strip().strip("\"'")
+        lines.pop(0)
+    return options, "\n".join(lines)
+
+
+def tags_for(options: dict,  # cell options from `split_directives`
+            ) -> list:  # myst-nb cell tags that reproduce them
+    "myst-nb tags for quarto's `include`/`echo`/`output: false` (`output: asis` needs none)."
+    return [tag for name, tag in HIDING_OPTIONS.items() if options.get(name, "").lower() == "false"]
+
+
+def convert_callouts(markdown: str,  # markdown cell source
+                    ) -> str:  # the same with quarto callouts as MyST admonitions
+    "Turn `::: {.callout-note title=\"T\"}` blocks into MyST `:::{note}` admonitions."
+    out = []
+    for line in markdown.splitlines():
+        match = CALLOUT_OPEN.match(line)
+        if match:
+            indent, fence, kind, attrs = match.groups()
+            title = TITLE_ATTR.search(attrs)
+            admonition = CALLOUTS.get(kind.lower(), "note")
+            if title: line = f"{indent}{fence}{{admonition}} {title.group(1)}\n{indent}:class: {admonition}"
+            else: line = f"{indent}{fence}{{{admonition}}}"
+        out.append(line)
+    return "\n".join(out)
+
+
+def parse_frontmatter(raw: str,  # a raw cell's source
+                     ) -> dict:  # the YAML front matter, or {} when the cell is not front matter
+    "Read quarto/nbdev front matter (`---` YAML `---`) from a raw cell."
+    match = re.match(r"^\s*---\s*\n(.*?)\n\s*---\s*$", raw, re.S)
+    if not match: return {}
+    data = yaml.safe_load(match.group(1))
+    return data if isinstance(data, dict) else {}
+
+
+def title_cell(frontmatter: dict,  # front matter with `title` and maybe `description`
+               fallback: str,  # title to use when the front matter has none
+              ) -> dict:  # a markdown cell: `# title` and the description as the lead paragraph
+    "The page heading Sphinx needs, from nbdev's front matter."
+    text = f"# {frontmatter.get('title') or fallback}"
+    if frontmatter.get("description"): text += f"\n\n*{frontmatter['description']}*"
+    return {"cell_type": "markdown", "metadata": {}, "source": text}
+
+
+def _text(value) -> str: return "".join(value) if isinstance(value, list) else (value or "")
+
+
+def showdoc_names(cell: dict,  # a processed code cell
+                 ) -> list:  # the documented names (`### name` headings in its markdown output)
+    "Names documented by a `show_doc` cell, read from its markdown output."
+    outputs = [_text(out.get("data", {}).get("text/markdown")) for out in cell.get("outputs", [])]
+    return [name for text in outputs for name in SHOWDOC_HEADING.findall(text)]
+
+
+def convert_code_cell(cell: dict,  # a code cell of a processed notebook (changed in place)
+                     ) -> list:  # names it documents with show_doc
+    "Quarto options become myst-nb tags; the directive lines leave the shown source."
+    options, body = split_directives(_text(cell.get("source")))
+    cell["source"] = body
+    tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+    tags.extend(tag for tag in tags_for(options) if tag not in tags)
+    if not body.strip() and "remove-input" not in tags: tags.append("remove-input")
+    if options.get("output") != "asis": return []
+    tags.append("scf-showdoc")
+    for output in cell.get("outputs", []):
+        data = output.get("data", {})
+        if "text/markdown" in data: data["text/markdown"] = SHOWDOC_RULE.sub("", _text(data["text/markdown"]))
+    return showdoc_names(cell)
+
+
+CELL_KEYS = {"code": ("id", "cell_type", "metadata", "source", "outputs", "execution_count"),
+             "markdown": ("id", "cell_type", "metadata", "source", "attachments"),
+             "raw": ("id", "cell_type", "metadata", "source", "attachments")}
+
+
+def clean_cell(cell: dict,  # a cell, maybe with nbdev's extra keys (`has_sd`, `idx_`, ...)
+               index: int,  # its position, for a cell id when it has none
+              ) -> dict:  # a cell that nbformat validates
+    "Keep the keys nbformat allows; give every cell an id."
+    clean = {key: cell[key] for key in CELL_KEYS.get(cell.get("cell_type"), ()) if key in cell}
+    clean.setdefault("id", f"scf-cell-{index}")
+    clean.setdefault("metadata", {})
+    if clean["cell_type"] == "code": clean.setdefault("outputs", []); clean.setdefault("execution_count", None)
+    return clean
+
+
+def convert_notebook(nb: dict,  # a notebook processed by nbdev (changed in place)
+                     fallback_title: str,  # page title when it has no front matter
+                    ) -> dict:  # page facts: title, frontmatter, api names, has_math, has_exercises
+    "Turn one nbdev-processed notebook into a myst-nb page."
+    cells, frontmatter, api = [], {}, []
+    for cell in nb.get("cells", []):
+        kind, source = cell.get("cell_type"), _text(cell.get("source"))
+        if kind == "raw" and not frontmatter and parse_frontmatter(source):
+            frontmatter = parse_frontmatter(source); continue
+        if kind == "markdown":
+            if source.strip().startswith("<!-- WARNING: THIS FILE WAS AUTOGENERATED"): continue
+            cell["source"] = convert_callouts(source)
+        if kind == "code":
+            api += convert_code_cell(cell)
+            if not cell["source"].strip() and not cell.get("outputs"): continue
+        cells.append(cell)
+    title = str(frontmatter.get("title") or fallback_title)
+    nb["cells"] = [clean_cell(cell, index) for index, cell in enumerate([title_cell(frontmatter, title)] + cells)]
+    markdown = "\n".join(_text(c.get("source")) for c in nb["cells"] if c.get("cell_type") == "markdown")
+    metadata = nb.setdefault("metadata", {})
+    metadata.pop("widgets", None)
+    metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
+    metadata.setdefault("language_info", {"name": "python"})
+    return dict(title=title, frontmatter=frontmatter, api=api,
+                has_math=bool(MATH.search(markdown)), has_exercises=bool(EXERCISES.search(markdown)))
+
+
+def page_name(source: Path,  # notebook path relative to nbs/
+              frontmatter: dict,  # its front matter (nbdev's `output-file` names the page)
+             ) -> str:  # page path without suffix, as nbdev names it: 01_data.ipynb -> data
+    "The page's URL stem: nbdev's `output-file` (numbers dropped), so links match nbdev's."
+    output = frontmatter.get("output-file")
+    stem = Path(output).stem if output else re.sub(r"^\d+[a-z]?_", "", source.stem)
+    return (source.parent / stem).as_posix()
+
+
+def toctree(names: list,  # page names in reading order
+            caption: str = "Chapters",  # heading of the list in the sidebar
+            hidden: bool = False,  # True: only in the sidebar, not listed on the page
+           ) -> str:  # a MyST toctree directive
+    "The toctree that puts every page in the sidebar."
+    options = f":maxdepth: 1\n:caption: {caption}\n" + (":hidden:\n" if hidden else "")
+    return "```{toctree}\n" + options + "\n" + "\n".join(names) + "\n```"
+
+
+def api_page(pages: list,  # page records with `name`, `title`, `api`
+            ) -> str:  # markdown for the API index page
+    "One page listing every documented name, linked to its entry in its chapter."
+    lines = ["# API index", "", "Every function and class documented with `show_doc`, by chapter.", ""]
+    for page in pages:
+        if not page["api"]: continue
+        lines += [f"## {page['title']}", ""]
+        links = [f'<li><a class="reference internal" href="{page["name"]}.html#{make_id(name)}"><code>{name}</code></a></li>'
+                 for name in page["api"]]
+        lines += ['<ul class="scf-api">', *links, "</ul>", ""]
+    return "\n".join(lines)
+
+
+def read_settings(root: Path = ROOT,  # project root holding settings.ini
+                 ) -> dict:  # the [DEFAULT] section
+    "nbdev's settings.ini as a dict."
+    import configparser
+    parser = configparser.ConfigParser()
+    parser.read(root / "settings.ini")
+    return dict(parser["DEFAULT"])
+
+
+def process_notebooks(nbs_path: Path,  # the notebooks folder
+                      workers: int = 0,  # nbdev processing workers (0: in this process)
+                     ) -> Path:  # nbdev's `_proc/` folder
+    "Step 1: nbdev's doc processing of every notebook (cached by modification time)."
+    from nbdev.serve import proc_nbs
+    return Path(proc_nbs(path=str(nbs_path), n_workers=workers))
+
+
+def copy_mathjax(static: Path,  # the staged `_static` folder
+                ) -> Path:  # the copied MathJax file
+    "Put MathJax 3 (from the PyPI package django-static-mathjax) among the site's static files."
+    spec = find_spec("mathjax")
+    source = Path(spec.origin).parent / "static" / "mathjax" / "es5" / "tex-svg.js" if spec and spec.origin else None
+    if source is None or not source.exists():
+        sys.exit("MathJax not found: install the docs tools with `pip install -e '.[dev]'` (needs django-static-mathjax)")
+    target = static / "mathjax" / "tex-svg.js"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, target)
+    return target
+
+
+def stage_pages(notebooks: list,  # notebooks found in nbs/
+                nbs_path: Path,  # the notebooks folder
+                proc: Path,  # nbdev's `_proc/` folder
+                stage: Path,  # Sphinx's source folder, rebuilt here
+               ) -> list:  # page records, home page first
+    "Step 2: convert each processed notebook into a myst-nb page under `stage`."
+    pages = []
+    for notebook in notebooks:
+        relative = notebook.relative_to(nbs_path)
+        processed = json.loads((proc / relative).read_text())
+        facts = convert_notebook(processed, fallback_title=relative.stem)
+        name = "index" if relative.as_posix() == "index.ipynb" else page_name(relative, facts["frontmatter"])
+        if any(page["name"] == name for page in pages): name = relative.with_suffix("").as_posix()
+        target = stage / f"{name}.ipynb"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(processed, indent=1))
+        facts.pop("frontmatter")
+        pages.append(dict(name=name, source=f"{nbs_path.name}/{relative.as_posix()}", **facts))
+    return pages
+
+
+def copy_assets(proc: Path,  # nbdev's `_proc/` folder (non-notebook files are copied there)
+                stage: Path,  # Sphinx's source folder
+               ):
+    "Images and other files beside the notebooks, so that markdown links to them resolve."
+    for path in proc.rglob("*"):
+        relative = path.relative_to(proc)
+        if path.is_dir() or path.suffix in (".ipynb", ".yml") or relative.parts[0].startswith("_"): continue
+        (stage / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, stage / relative)
+
+
+def write_home_and_api(pages: list,  # page records from `stage_pages`
+                       stage: Path,  # Sphinx's source folder
+                       settings: dict,  # settings.ini
+                      ) -> list:  # page records, with the generated ones added
+    "The home page carries the toctree (the sidebar); an API index page when anything is documented."
+    chapters = [page["name"] for page in pages if page["name"] != "index"]
+    if any(page["api"] for page in pages):
+        (stage / "api.md").write_text(api_page(pages))
+        chapters.append("api")
+        pages.append(dict(name="api", source=None, title="API index", api=[], has_math=False, has_exercises=False))
+    home = stage / "index.ipynb"
+    if home.exists():
+        nb = json.loads(home.read_text())
+        nb["cells"].append({"cell_type": "markdown", "metadata": {}, "source": toctree(chapters)})
+        home.write_text(json.dumps(nb, indent=1))
+    else:
+        (stage / "index.md").write_text(f"# {settings['title']}\n\n{settings['description']}\n\n{toctree(chapters)}\n")
+        pages.insert(0, dict(name="index", source=None, title=settings["title"], api=[], has_math=False, has_exercises=False))
+    return pages
+
+
+def run_sphinx(stage: Path,  # Sphinx's source folder
+               out: Path,  # the site folder
+               doctrees: Path,  # Sphinx's cache
+               strict: bool = False,  # True: warnings fail the build
+              ):
+    "Step 3: render the staged pages with Sphinx + myst-nb (no execution) into `out`."
+    command = [sys.executable, "-m", "sphinx", "-b", "html", "-c", str(CONF_DIR), "-d", str(doctrees),
+               "-q", "-E", "-j", "1", str(stage), str(out)] + (["-W", "--keep-going"] if strict else [])
+    result = subprocess.run(command, cwd=ROOT)
+    if result.returncode: sys.exit(f"sphinx-build failed (exit {result.returncode}): see the messages above")
+
+
+def stage_sources(root: Path = ROOT,  # project root
+                  workers: int = 0,  # nbdev processing workers
+                 ) -> tuple:  # (stage folder, page records)
+    "Steps 1 and 2: process the notebooks and stage Sphinx's sources; returns the page records."
+    settings = read_settings(root)
+    nbs_path = root / settings.get("nbs_path", "nbs")
+    notebooks = find_notebooks(nbs_path)
+    if not notebooks: sys.exit(f"no notebooks in {nbs_path}: nothing to build")
+    proc = process_notebooks(nbs_path, workers)
+    stage = proc / "_sphinx"
+    if stage.exists(): shutil.rmtree(stage)
+    shutil.copytree(CONF_DIR / "_static", stage / "_static")
+    copy_mathjax(stage / "_static")
+    copy_assets(proc, stage)
+    pages = stage_pages(notebooks, nbs_path, proc, stage)
+    return stage, write_home_and_api(pages, stage, settings)
+
+
+def build_site(root: Path = ROOT,  # project root
+               out: Path = None,  # site folder (default: settings.ini's doc_path, `_docs`)
+               workers: int = 0,  # nbdev processing workers
+               strict: bool = False,  # True: Sphinx warnings fail the build
+              ) -> Path:  # the site folder
+    "Build the whole website: nbdev processing, myst-nb staging, Sphinx; write the page manifest."
+    out = Path(out or root / read_settings(root).get("doc_path", "_docs"))
+    stage, pages = stage_sources(root, workers)
+    if out.exists(): shutil.rmtree(out)
+    run_sphinx(stage, out, stage.parent / "_doctrees", strict)
+    (out / "_scf_pages.json").write_text(json.dumps(pages, indent=1))
+    (out / ".nojekyll").touch()
+    return out
+
+
+def build_with_quarto():
+    "Where quarto is installed, nbdev's own `nbdev_docs` still builds the site."
+    if not shutil.which("quarto"): sys.exit("quarto is not installed: run `python tools/build_docs.py` without --quarto")
+    subprocess.run(["nbdev_docs"], cwd=ROOT, check=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="site folder (default: _docs)")
+    parser.add_argument("--workers", type=int, default=0, help="nbdev processing workers (default 0: in process)")
+    parser.add_argument("--strict", action="store_true", help="fail on Sphinx warnings")
+    parser.add_argument("--quarto", action="store_true", help="use nbdev_docs (needs quarto) instead")
+    args = parser.parse_args(argv)
+    if args.quarto: return build_with_quarto()
+    start = time.time()
+    out = build_site(out=args.out, workers=args.workers, strict=args.strict)
+    pages = json.loads((out / "_scf_pages.json").read_text())
+    print(f"built {len(pages)} pages into {out} in {time.time() - start:.1f}s; open {out / 'index.html'}")
+
+
+if __name__ == "__main__":
+    main()
