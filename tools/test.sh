@@ -12,12 +12,13 @@ if [ -n "$(git status --porcelain -- scfoundation)" ]; then
   git status --porcelain -- scfoundation; git --no-pager diff --stat -- scfoundation
   echo "FAIL: nbdev_export changed scfoundation/: edit the notebooks, run nbdev_export, commit both"; exit 1
 fi
-echo "== 2. notebooks clean (nbdev_clean changes nothing)"
+echo "== 2. notebooks clean (nbdev_clean changes nothing), README.md generated from nbs/index.ipynb"
 nbdev_clean
 if [ -n "$(git status --porcelain -- nbs)" ]; then
   git status --porcelain -- nbs
   echo "FAIL: notebooks are not cleaned: run nbdev_clean and commit"; exit 1
 fi
+python tools/make_readme.py --check
 echo "== 3. every notebook runs (nbdev_test), seconds per notebook"
 python tools/time_notebooks.py
 echo "== 4. pytest"
