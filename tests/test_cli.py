@@ -11,7 +11,7 @@ from scfoundation.cli import main
 
 
 def run_scf(*args):
-    return subprocess.run([sys.executable, "-m", "scfoundation.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "scfoundation", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_help_names_every_command():

@@ -5,9 +5,11 @@
 
 The three steps:
 
-1. nbdev's own doc processing (`nbdev.serve.proc_nbs`, what `nbdev_proc_nbs` runs without
-   quarto): honours `#| hide`, hides `#| export` source and adds `show_doc` for exported
-   names, runs the `show_doc` cells so that the API reference is current, writes `_proc/`.
+1. nbdev's own doc processors (those `nbdev_proc_nbs` runs, without quarto), one notebook at a
+   time into `_proc/`: `#| hide` hidden, `#| export` source hidden and `show_doc` added for
+   exported names, `show_doc` cells re-run so the API reference is current. One change: where
+   nbdev re-runs every cell that contains an import, only the cell's imports are run (a cell
+   that imports and then trains a model would otherwise retrain), and committed outputs stay.
 2. The processed notebooks are turned from quarto's dialect into myst-nb's: cell options
    (`#| echo: false`, `#| output: asis`, ...) become cell tags, YAML front matter becomes the
    page title, quarto callouts become admonitions; the home page gets the chapter toctree,
@@ -227,20 +229,32 @@ def read_settings(root: Path = ROOT,  # project root holding settings.ini
     return dict(parser["DEFAULT"])
 
 
+def imports_only(source: str,  # a code cell's source
+                ) -> str:  # its top-level import statements (nbdev directives kept), or "" if none / unparsable
+    "The part of a cell that `show_doc` can need: nbdev re-runs any cell with an import, even a training loop."
+    import ast
+    try: tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    except SyntaxError: return ""
+    imports = [ast.unparse(node) for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    return "\n".join(imports)
+
+
 def doc_filter():
     "nbdev's notebook processors for docs, with `exec_show_docs` made safe for finished notebooks."
     from nbdev.processors import FilterDefaults, exec_show_docs, _is_showdoc
 
     class run_show_docs(exec_show_docs):
-        "Re-run what `show_doc` needs, as nbdev does; keep committed outputs of other cells."
+        "Re-run what `show_doc` needs, as nbdev does; only a failing show_doc stops the build; keep other outputs."
         def __call__(self, cell):
-            is_doc = bool(_is_showdoc(cell)) or bool(cell.directives_.keys() & {"export", "exports", "exporti"})
-            saved = cell.get("outputs")
+            is_doc, saved, source = bool(_is_showdoc(cell)), cell.get("outputs"), cell.get("source")
+            if cell.get("cell_type") == "code" and not is_doc and not cell.directives_.keys() & {"export", "exports", "exporti", "exec_doc"}:
+                cell["source"] = imports_only(source or "")  # nbdev would re-run the whole cell (training, plots...)
             try: super().__call__(cell)
             except Exception:
-                if is_doc: raise
-                self.k.exc = None  # a helper cell nbdev re-runs only because it imports something
-            if saved is not None and not _is_showdoc(cell): cell["outputs"] = saved
+                if is_doc: raise  # the API reference itself fails: say so
+                self.k.exc = None  # a helper cell: its names are not needed by show_doc
+            finally: cell["source"] = source
+            if saved is not None and not is_doc: cell["outputs"] = saved
 
     class ScfFilter(FilterDefaults):
         def base_procs(self): return [run_show_docs if proc is exec_show_docs else proc for proc in super().base_procs()]
@@ -277,7 +291,7 @@ def process_notebooks(notebooks: list,  # notebooks found in nbs/
     if previous is None: del os.environ["IN_TEST"]
     else: os.environ["IN_TEST"] = previous
     if failures:
-        sys.exit("nbdev could not document these notebooks (a show_doc or exported cell fails when re-run):\n"
+        sys.exit("nbdev could not document these notebooks (a show_doc cell fails when re-run):\n"
                  + "\n".join(failures) + "\nFix the cell (run the notebook top to bottom), then build again.")
 
 
@@ -346,7 +360,7 @@ def write_home_and_api(pages: list,  # page records from `stage_pages`
     home = stage / "index.ipynb"
     if home.exists():
         nb = json.loads(home.read_text())
-        nb["cells"].append({"cell_type": "markdown", "metadata": {}, "source": toctree(chapters)})
+        nb["cells"].append({"id": "scf-toctree", "cell_type": "markdown", "metadata": {}, "source": toctree(chapters)})
         home.write_text(json.dumps(nb, indent=1))
     else:
         (stage / "index.md").write_text(f"# {settings['title']}\n\n{settings['description']}\n\n{toctree(chapters)}\n")
@@ -361,7 +375,8 @@ def run_sphinx(stage: Path,  # Sphinx's source folder
               ):
     "Step 3: render the staged pages with Sphinx + myst-nb (no execution) into `out`."
     command = [sys.executable, "-m", "sphinx", "-b", "html", "-c", str(CONF_DIR), "-d", str(doctrees),
-               "-q", "-E", "-j", "1", str(stage), str(out)] + (["-W", "--keep-going"] if strict else [])
+               "-q", "-E", "-j", "1", "-D", f"html_static_path={CONF_DIR / '_static'},{stage / '_static'}",
+               str(stage), str(out)] + (["-W", "--keep-going"] if strict else [])
     result = subprocess.run(command, cwd=ROOT)
     if result.returncode: sys.exit(f"sphinx-build failed (exit {result.returncode}): see the messages above")
 
@@ -377,7 +392,6 @@ def stage_sources(root: Path = ROOT,  # project root
     if proc.exists(): shutil.rmtree(proc)
     process_notebooks(notebooks, nbs_path, proc)
     stage = proc / "_sphinx"
-    shutil.copytree(CONF_DIR / "_static", stage / "_static")
     copy_mathjax(stage / "_static")
     copy_assets(nbs_path, stage)
     pages = stage_pages(notebooks, nbs_path, proc, stage, site_url(settings))
@@ -392,7 +406,10 @@ def build_site(root: Path = ROOT,  # project root
     out = Path(out or root / read_settings(root).get("doc_path", "_docs"))
     stage, pages = stage_sources(root)
     if out.exists(): shutil.rmtree(out)
-    run_sphinx(stage, out, stage.parent / "_doctrees", strict)
+    html = stage.parent / "_site" / "html"  # myst-nb writes images to html/../jupyter_execute: keep it in _proc
+    run_sphinx(stage, html, stage.parent / "_doctrees", strict)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(html), str(out))
     (out / "_scf_pages.json").write_text(json.dumps(pages, indent=1))
     (out / ".nojekyll").touch()
     return out
