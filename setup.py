@@ -12,6 +12,7 @@ statuses = ["Planning", "Pre-Alpha", "Alpha", "Beta", "Production/Stable", "Matu
 lic = licenses[cfg["license"]]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
+bench_requirements = cfg.get("bench_requirements", "").split()  # peers that bench/ compares against
 scripts = [s.strip() for s in cfg.get("console_scripts", "").split() if s.strip()]
 
 setuptools.setup(
@@ -36,7 +37,7 @@ setuptools.setup(
     include_package_data=True,
     package_data={"scfoundation": ["assets/*"]},
     install_requires=requirements,
-    extras_require={"dev": dev_requirements},
+    extras_require={"dev": dev_requirements, "bench": bench_requirements},
     python_requires=">=" + cfg["min_python"],
     entry_points={"console_scripts": scripts, "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
