@@ -6,7 +6,7 @@ is imported on first use, so torch is loaded only when a model is needed.
 """
 import importlib
 
-_MODULES = ("data", "genes", "tokenize", "simulate", "model", "train", "evaluate", "annotate",
+_MODULES = ("data", "genes", "tokenization", "simulate", "model", "train", "evaluate", "annotate",
             "integrate", "perturb", "insilico", "grn", "prior", "corpus", "cli", "docs")
 
 
