@@ -13,4 +13,7 @@ pip install -q -e ".[dev]"
 # nbdev 2.4.14 declares fastcore>=1.12.3 but only runs with the 1.8 line (newer fastcore
 # removed names nbdev 2 imports): pin it after the resolver is done.
 pip install -q "fastcore==1.8.18" 2>&1 | grep -v "dependency resolver\|requires fastcore\|^$" || true
+# Debian's Chromium for the docs site's browser test (tests/test_docs.py); needs root for apt-get.
+if [ "$(id -u)" = 0 ]; then bash tools/setup_browser.sh
+elif ! command -v chromium >/dev/null 2>&1; then echo "note: chromium missing and not root: the browser tests of the docs will be skipped"; fi
 python -c "import scfoundation, torch, nbdev; print('scfoundation', scfoundation.__version__, '| torch', torch.__version__)"
