@@ -1,0 +1,124 @@
+"""Prior-knowledge ablation, longer than the chapter's: the same pretraining (train.pretrain, same
+seeds, same split) with no prior, with all seven sources, and with each source group alone, on
+pbmc68k; held-out masked loss and kNN accuracy of cell types; on the simulator, regulator→target
+AUROC of gene embeddings. Prints one table per data set (mean ± sd over seeds).
+
+    python -P bench/prior_ablation.py                     # 3 seeds × 400 steps
+    python -P bench/prior_ablation.py --steps 100 --seeds 2 --quick   # no per-group arms
+
+(`-P`: do not put bench/ on sys.path, where bench/tokenize.py would shadow the standard library's
+`tokenize` module.)
+"""
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from scfoundation.data import load_pbmc68k
+from scfoundation.evaluate import knn_accuracy, stratified_split
+from scfoundation.genes import SPECIAL_TOKENS, Vocab, map_genes
+from scfoundation.model import ModelConfig, SCFModel, mask_batch
+from scfoundation.prior import GENE_SET_SOURCES, PriorGeneEmbedding, add_prior, build_prior_features
+from scfoundation.simulate import SimConfig, simulate
+from scfoundation.tokenization import CellDataset, RankValueTokenizer, collate, compute_gene_medians
+from scfoundation.train import TrainConfig, pretrain
+
+ARMS = {"no prior": None, "all 7 sources": "all", "gene sets (GO/KEGG/Pfam)": GENE_SET_SOURCES,
+        "co-expression": ("coexpression",), "chromosome": ("chromosome",)}
+
+
+def prepared(adata, label_key="cell_type"):
+    "Split, vocabulary with training medians, tokenizer and prior features from the training cells only."
+    labels = adata.obs[label_key].to_numpy()
+    is_test = stratified_split(labels, test_size=0.3, seed=0)
+    train = adata[~is_test].copy()
+    vocab = Vocab.from_adata(adata)
+    vocab = vocab.with_medians(compute_gene_medians(train, vocab))
+    tokenizer = RankValueTokenizer(vocab, max_length=128)
+    return dict(adata=adata, labels=labels, train=train, test=adata[is_test].copy(), vocab=vocab,
+                tokenizer=tokenizer, prior=build_prior_features(vocab, corpus=train, dim=32))
+
+
+def trained(data, sources, seed, steps):
+    torch.manual_seed(seed)
+    config = ModelConfig.named("teaching", vocab_size=len(data["vocab"]), max_len=128,
+                               vocab_version=data["vocab"].version, tokenizer=data["tokenizer"].to_dict())
+    model = SCFModel(config)
+    if sources is not None:
+        add_prior(model, data["prior"], None if sources == "all" else sources)
+    with tempfile.TemporaryDirectory() as folder:
+        pretrain(data["train"], model, TrainConfig(steps=steps, batch_size=32, lr=1e-3, seed=seed, save_every=0,
+                                                   device="cpu"), out_dir=folder, resume=False,
+                 vocab=data["vocab"], tokenizer=data["tokenizer"], progress=False)
+    return model.eval()
+
+
+@torch.no_grad()
+def held_out_loss(model, data):
+    dataset = CellDataset(data["test"], data["tokenizer"], seed=123)
+    batch = collate(dataset.__getitems__(np.arange(len(dataset))))
+    return float(model(mask_batch(batch, model.config, generator=torch.Generator().manual_seed(123)))["loss"])
+
+
+@torch.no_grad()
+def cell_embeddings(model, data):
+    dataset = CellDataset(data["adata"], data["tokenizer"])
+    return np.concatenate([model.embed(collate(dataset.__getitems__(np.arange(start, min(start + 256, len(dataset))))))
+                           .numpy() for start in range(0, len(dataset), 256)])
+
+
+def edge_auroc(model, vocab, network, learned_only):
+    from sklearn.metrics import roc_auc_score
+    gene = model.embedding.gene
+    if learned_only and isinstance(gene, PriorGeneEmbedding): gene = gene.learned
+    with torch.no_grad(): vectors = gene(torch.arange(len(vocab))).numpy().astype(np.float64)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    candidates, scores = np.arange(len(SPECIAL_TOKENS), len(vocab)), []
+    for regulator, targets in network.groupby("regulator")["target"]:
+        row = vocab.ids([regulator])[0]
+        others = candidates[candidates != row]
+        is_target = np.isin(others, vocab.ids(targets.tolist(), unknown="ignore"))
+        if 0 < is_target.sum() < len(others): scores.append(roc_auc_score(is_target, vectors[others] @ vectors[row]))
+    return float(np.mean(scores))
+
+
+def run(data, arms, seeds, steps, network=None):
+    rows = []
+    for seed in range(seeds):
+        for arm in arms:
+            began = time.perf_counter()
+            model = trained(data, ARMS[arm], seed, steps)
+            row = {"arm": arm, "seed": seed, "held-out loss": held_out_loss(model, data),
+                   "kNN accuracy": knn_accuracy(cell_embeddings(model, data), data["labels"], seed=0)}
+            if network is not None:
+                row["edges AUROC (E)"] = edge_auroc(model, data["vocab"], network, True)
+                row["edges AUROC (E+prior)"] = edge_auroc(model, data["vocab"], network, False)
+            row["seconds"] = time.perf_counter() - began
+            rows.append(row)
+    table = pd.DataFrame(rows).drop(columns="seed").groupby("arm", sort=False)
+    return table.mean().round(4).astype(str) + " ± " + table.std().round(4).astype(str)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="only 'no prior' and 'all 7 sources'")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    arms = list(ARMS)[:2] if args.quick else list(ARMS)
+    print(f"torch threads {torch.get_num_threads()}, {args.steps} steps, {args.seeds} seeds (teaching config, max_len 128)")
+    pbmc = prepared(map_genes(load_pbmc68k()))
+    print("\npbmc68k (700 cells; held-out = 30% stratified):")
+    print(run(pbmc, arms, args.seeds, args.steps).to_string())
+    simulated = map_genes(simulate(SimConfig(n_cells=1000, n_genes=400, n_tfs=40, seed=0)))
+    network = pd.DataFrame(simulated.uns["truth"]["network"])[["regulator", "target"]]
+    print("\nsimulator (1000 cells, 400 genes, random GRN over real human genes):")
+    print(run(prepared(simulated), arms, args.seeds, args.steps, network).to_string())
+
+
+if __name__ == "__main__":
+    main()
