@@ -1,0 +1,221 @@
+"""Throughput of scfoundation's model against Hugging Face `BertForMaskedLM` (Geneformer-6L shapes).
+
+Measures in one run, on this machine: the bf16 and fp32 matmul peak; training tokens/s (forward,
+backward, AdamW step; 15% masking) and inference cells/s (cell embeddings) of both models at
+full sequence length 512 and 2048, in fp32 and bf16 (autocast); and a real-length run on cells of
+the default data (lengths = expressed genes per cell, batches grouped by length).
+
+    python bench/train.py --quick          # a few repeats, length 512 only (minutes)
+    python bench/train.py                  # the full table
+    python bench/train.py --threads 2 --lengths 512 2048 --precisions bf16
+
+The peer runs at its best: SDPA attention with attention dropout 0 (the fused kernel), hidden
+dropout 0.02 as Geneformer; its inference is `model.bert` (hidden states, no vocabulary head).
+FLOPs are counted from the matrix products actually needed (see `scfoundation.model.count_flops`):
+our head only on masked tokens, the peer's head on every token (that is what it computes).
+Requires `transformers` (bench_requirements in settings.ini).
+"""
+import sys
+from pathlib import Path
+
+# bench/ holds scripts named like standard modules (bench/tokenize.py): keep this folder off the import path
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from scfoundation.model import ModelConfig, SCFModel, count_flops, mask_batch, random_batch, _stack_flops
+
+
+def matmul_peak(dtype: torch.dtype, sizes=(1024, 2048, 3072), repeats: int = 5) -> float:
+    "Best GFLOP/s of large square matrix products in `dtype` (the machine's practical matmul peak)."
+    best = 0.0
+    for size in sizes:
+        left, right = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+        torch.matmul(left, right)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.matmul(left, right)
+            best = max(best, 2 * size ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def attention_seconds(config: ModelConfig, batches: list[dict], precision: str, repeats: int) -> float:
+    "Seconds of the fused SDPA kernel alone (forward + backward, all layers) on these batches: both models pay it."
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    head_dim = config.d_model // config.n_heads
+    tensors = [torch.randn(len(batch["input_ids"]), config.n_heads, batch["input_ids"].shape[1], head_dim, dtype=dtype, requires_grad=True)
+               for batch in batches]
+
+    def run():
+        for query in tensors:
+            for _ in range(config.n_layers):
+                torch.nn.functional.scaled_dot_product_attention(query, query, query).sum().backward()
+    return timed(run, repeats)
+
+
+def timed(step, repeats: int) -> float:
+    "Median seconds of `step()` after one warm-up call."
+    return interleaved([step], repeats)[0]
+
+
+def interleaved(steps: list, repeats: int) -> list[float]:
+    "Median seconds of each step, run in turn (A B A B ...) so that a change of load on a shared machine hits all alike."
+    for step in steps: step()
+    times = [[] for _ in steps]
+    for _ in range(repeats):
+        for step, record in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def ours(config: ModelConfig, batches: list[dict], precision: str) -> dict:
+    "Training and inference steps of SCFModel over `batches`, and the training FLOPs."
+    torch.manual_seed(0)
+    model = SCFModel(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    generator = torch.Generator().manual_seed(0)
+    masked = [mask_batch(batch, config, generator=generator) for batch in batches]
+
+    def train_all():
+        for batch in masked:
+            with autocast(precision):
+                loss = model(batch)["loss"]
+            loss.backward()
+            optimizer.step(); optimizer.zero_grad(set_to_none=True)
+
+    def infer_all():
+        with autocast(precision):
+            for batch in batches: model.embed(batch)
+
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    cells = sum(len(batch["input_ids"]) for batch in batches)
+    flops = sum(count_flops(config, batch)["total"] for batch in masked)
+    return dict(train=train_all, infer=infer_all, tokens=tokens, cells=cells, flops=flops)
+
+
+def peer(config: ModelConfig, batches: list[dict], precision: str) -> dict:
+    "The same for transformers' BertForMaskedLM with Geneformer-6L's config and SDPA attention."
+    from transformers import BertConfig, BertForMaskedLM
+    torch.manual_seed(0)
+    bert_config = BertConfig(vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layers,
+                             num_attention_heads=config.n_heads, intermediate_size=config.d_ff,
+                             max_position_embeddings=config.max_len, hidden_dropout_prob=config.dropout,
+                             attention_probs_dropout_prob=0.0, hidden_act="relu")
+    bert_config._attn_implementation = "sdpa"
+    model = BertForMaskedLM(bert_config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    generator = torch.Generator().manual_seed(0)
+    masked = []
+    for batch in batches:
+        hidden = mask_batch(batch, config, generator=generator)
+        labels = hidden["labels"].masked_fill(~hidden["mask_positions"], -100)
+        masked.append(dict(input_ids=hidden["input_ids"], attention_mask=hidden["attention_mask"].long(), labels=labels))
+    plain = [dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()) for batch in batches]
+
+    def train_all():
+        for batch in masked:
+            with autocast(precision):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step(); optimizer.zero_grad(set_to_none=True)
+
+    def infer_all():
+        model.eval()
+        with torch.inference_mode(), autocast(precision):
+            for batch in plain: model.bert(**batch)
+        model.train()
+
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    cells = sum(len(batch["input_ids"]) for batch in batches)
+    d_model, vocab = config.d_model, config.vocab_size
+    flops = 0.0
+    for batch in batches:   # the peer computes on padding too, and its head on every token
+        padded = torch.full((len(batch["input_ids"]),), batch["input_ids"].shape[1])
+        flops += 3 * (_stack_flops(padded, config.n_layers, d_model, config.d_ff) + padded.sum().item() * (2 * d_model * d_model + 2 * d_model * vocab))
+    return dict(train=train_all, infer=infer_all, tokens=tokens, cells=cells, flops=flops)
+
+
+def measure(models: list[dict], repeats: int) -> list[dict]:
+    "Training tokens/s, inference cells/s and training GFLOP/s of each model, their repeats interleaved."
+    train_seconds = interleaved([model["train"] for model in models], repeats)
+    infer_seconds = interleaved([model["infer"] for model in models], repeats)
+    return [dict(train_tokens=model["tokens"] / train, infer_cells=model["cells"] / infer,
+                 train_gflops=model["flops"] / train / 1e9, train_seconds=train)
+            for model, train, infer in zip(models, train_seconds, infer_seconds)]
+
+
+def full_length_batches(config: ModelConfig, length: int, tokens_per_batch: int, n_batches: int) -> list[dict]:
+    "Batches of cells that fill `length` tokens (`<cls>` + length - 1 genes)."
+    cells = max(1, tokens_per_batch // length)
+    return [random_batch(config, [length - 1] * cells, seed=index) for index in range(n_batches)]
+
+
+def real_length_batches(config: ModelConfig, tokens_per_batch: int, n_cells: int) -> list[dict]:
+    "Cells of the default data (expressed genes per cell), sorted by length and cut into batches."
+    from scfoundation.data import load_pbmc68k
+    adata = load_pbmc68k()
+    expressed = np.diff(adata.X.tocsr().indptr) if hasattr(adata.X, "tocsr") else (np.asarray(adata.X) > 0).sum(1)
+    lengths = np.sort(np.minimum(expressed[:n_cells], config.max_len - 1))[::-1]
+    batches, start = [], 0
+    while start < len(lengths):
+        cells = max(1, tokens_per_batch // (int(lengths[start]) + 1))
+        batches.append(random_batch(config, [int(n) for n in lengths[start:start + cells]], seed=start))
+        start += cells
+    return batches
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="length 512 only, 2 repeats, half-size batches, 64 real cells")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--tokens-per-batch", type=int, default=8192, help="16 cells of 512, 4 of 2048")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--no-real", action="store_true")
+    args = parser.parse_args()
+    if args.quick: args.lengths, args.repeats, args.tokens_per_batch = [512], 2, args.tokens_per_batch // 2
+    torch.set_num_threads(args.threads)
+    config = ModelConfig.named("geneformer-6l")
+    sizes = (1024, 2048) if args.quick else (1024, 2048, 3072)
+    peaks = {"bf16": matmul_peak(torch.bfloat16, sizes), "fp32": matmul_peak(torch.float32, sizes)}
+    print(f"torch {torch.__version__}, {args.threads} threads; matmul peak: bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s")
+    print(f"model: geneformer-6l ({SCFModel(config).num_parameters():,} parameters), 15% masking, fused AdamW, {args.repeats} repeats\n")
+    header = (f"{'run':<14}{'prec':<6}{'ours tok/s':>11}{'peer tok/s':>11}{'x':>6}{'ours cell/s':>12}{'peer cell/s':>12}{'x':>6}"
+              f"{'ours GF/s':>10}{'% peak':>8}{'attn %':>8}{'max x':>7}")
+    print(header); print("-" * len(header))
+    runs = [(f"full L={length}", lambda length=length: full_length_batches(config, length, args.tokens_per_batch, 1)) for length in args.lengths]
+    if not args.no_real: runs.append(("real lengths", lambda: real_length_batches(config, args.tokens_per_batch, 64 if args.quick else 256)))
+    for name, make in runs:
+        batches = make()
+        for precision in args.precisions:
+            models = [ours(config, batches, precision)] + ([] if args.no_peer else [peer(config, batches, precision)])
+            mine, other = (measure(models, args.repeats) + [None])[:2]
+            attention = attention_seconds(config, batches, precision, args.repeats)
+            ratio = lambda key: f"{mine[key] / other[key]:6.1f}" if other else "-".rjust(6)
+            value = lambda key, width, digits: f"{other[key]:{width}.{digits}f}" if other else "-".rjust(width)
+            ceiling = f"{other['train_seconds'] / attention:7.1f}" if other else "-".rjust(7)
+            print(f"{name:<14}{precision:<6}{mine['train_tokens']:11.0f}{value('train_tokens', 11, 0)}{ratio('train_tokens')}"
+                  f"{mine['infer_cells']:12.1f}{value('infer_cells', 12, 1)}{ratio('infer_cells')}"
+                  f"{mine['train_gflops']:10.0f}{100 * mine['train_gflops'] / peaks[precision]:7.1f}%"
+                  f"{100 * attention / mine['train_seconds']:7.0f}%{ceiling}", flush=True)
+    print("\nx: ours / peer, same precision, same batches. % peak: our training GFLOP/s (useful matrix-product FLOPs,")
+    print("scfoundation.model.count_flops) over this machine's matmul peak in that precision. attn %: share of our training")
+    print("step spent in the fused SDPA kernel (forward + backward), which both models call; max x: the training ratio a model")
+    print("doing nothing but that attention would reach against the peer (an upper bound on x at this length).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""The model chapter's API: config, masking, forward/loss, padding invariance, asymmetric mode,
+embeddings, checkpoints and their errors."""
+import json
+import math
+
+import pytest
+import torch
+
+from scfoundation.model import (CLS_ID, MASK_ID, MASK_VALUE, PAD_ID, ModelConfig, ModelError, SCFModel,
+                                TokenLayout, count_flops, mask_batch, random_batch)
+
+torch.set_num_threads(1)
+KINDS = ("rank", "bins", "continuous")
+
+
+def small(kind="rank", **overrides):
+    return ModelConfig.named("teaching", vocab_size=300, input_kind=kind, d_model=32, n_heads=4, d_ff=64,
+                             max_len=256, **overrides)
+
+
+def masked(config, lengths=(20, 7, 1), seed=0, **kwargs):
+    return mask_batch(random_batch(config, list(lengths), seed=seed), config,
+                      generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def clone(batch):
+    return {key: value.clone() for key, value in batch.items()}
+
+
+# ---------------------------------------------------------------- config
+def test_config_json_round_trip(tmp_path):
+    config = small("bins", asymmetric=True, vocab_version="abc", tokenizer={"kind": "bins", "n_bins": 51})
+    assert ModelConfig.from_json(config.to_json()) == config
+    config.to_json(tmp_path / "c.json")
+    assert ModelConfig.from_json(tmp_path / "c.json") == config
+    assert json.loads(config.to_json()) == config.to_dict()
+
+
+def test_named_configs():
+    geneformer = ModelConfig.named("geneformer-6l")
+    assert (geneformer.n_layers, geneformer.d_model, geneformer.n_heads, geneformer.d_ff) == (6, 256, 4, 512)
+    assert 20_000 < geneformer.vocab_size < 30_000 and geneformer.max_len == 2048 and geneformer.activation == "relu"
+    assert isinstance(SCFModel(small(activation="relu")).encoder.blocks[0].feed_forward[1], torch.nn.ReLU)
+    assert ModelConfig.named("teaching", vocab_size=1234).vocab_size == 1234
+    with pytest.raises(ModelError, match="teaching"): ModelConfig.named("gigantic")
+
+
+@pytest.mark.parametrize("bad, words", [(dict(input_kind="words"), "input_kind"), (dict(pooling="max"), "pooling"),
+                                        (dict(d_model=30, n_heads=4), "multiple of n_heads"),
+                                        (dict(dropout=1.5), "dropout"), (dict(activation="tanh"), "activation"), (dict(vocab_size=2), "vocab_size")])
+def test_config_rejects_bad_values(bad, words):
+    with pytest.raises(ModelError, match=words): ModelConfig(**bad)
+
+
+def test_config_from_json_errors():
+    with pytest.raises(ModelError, match="unknown keys.*colour"): ModelConfig.from_json('{"colour": 1}')
+    with pytest.raises(ModelError, match="not valid JSON"): ModelConfig.from_json('{"d_model": ')
+
+
+# ---------------------------------------------------------------- masking
+@pytest.mark.parametrize("kind", KINDS)
+def test_mask_never_touches_cls_or_padding(kind):
+    config = small(kind)
+    batch = random_batch(config, [50, 10, 2, 1], seed=1)
+    original = clone(batch)
+    out = mask_batch(batch, config, mask_prob=0.5, generator=torch.Generator().manual_seed(0))
+    positions = out["mask_positions"]
+    assert positions.dtype == torch.bool and positions.shape == batch["input_ids"].shape
+    assert not positions[:, 0].any() and not (positions & ~batch["attention_mask"]).any()
+    assert (positions.sum(1) >= 1).all()
+    for key in original: assert torch.equal(batch[key], original[key]), f"mask_batch changed the input's {key}"
+    if kind == "rank":
+        assert (out["input_ids"][positions] == MASK_ID).all() and torch.equal(out["labels"], original["input_ids"])
+        assert torch.equal(out["input_ids"][~positions], original["input_ids"][~positions])
+    if kind == "bins":
+        assert (out["value_ids"][positions] == config.n_bins + 1).all()
+        assert torch.equal(out["input_ids"], original["input_ids"])
+    if kind == "continuous":
+        assert (out["values"][positions] == MASK_VALUE).all() and torch.equal(out["labels"], original["values"])
+
+
+def test_mask_is_seeded_and_has_the_right_rate():
+    config = small()
+    batch = random_batch(config, [200] * 32, seed=3)
+    first = mask_batch(batch, config, generator=torch.Generator().manual_seed(5))["mask_positions"]
+    again = mask_batch(batch, config, generator=torch.Generator().manual_seed(5))["mask_positions"]
+    other = mask_batch(batch, config, generator=torch.Generator().manual_seed(6))["mask_positions"]
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert abs(first.float().sum().item() / (32 * 200) - 0.15) < 0.015
+
+
+def test_bert_style_masking():
+    config = small()
+    batch = random_batch(config, [200] * 32, seed=3)
+    out = mask_batch(batch, config, mask_prob=0.3, generator=torch.Generator().manual_seed(0), bert_style=True)
+    at_masked = out["input_ids"][out["mask_positions"]]
+    share_mask = (at_masked == MASK_ID).float().mean().item()
+    share_same = (at_masked == out["labels"][out["mask_positions"]]).float().mean().item()
+    assert 0.75 < share_mask < 0.85 and 0.07 < share_same < 0.14
+    assert (at_masked != CLS_ID).all() and (at_masked != PAD_ID).all()
+
+
+def test_mask_batch_bad_input():
+    config = small("bins")
+    batch = random_batch(small(), [5, 3])
+    with pytest.raises(ModelError, match="value_ids"): mask_batch(batch, config)
+    with pytest.raises(ModelError, match="mask_prob"): mask_batch(random_batch(config, [5]), config, mask_prob=1.5)
+
+
+# ---------------------------------------------------------------- forward and loss
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("asymmetric", [False, True])
+def test_forward_shapes_and_backward(kind, asymmetric):
+    config = small(kind, asymmetric=asymmetric, decoder_d_model=32)
+    batch = masked(config)
+    model = SCFModel(config)
+    out = model(batch)
+    width = config.decoder_d_model if asymmetric else config.d_model
+    assert out["hidden"].shape == (3, 21, width) and out["cell_embedding"].shape == (3, config.d_model)
+    assert out["n_masked"] == int(batch["mask_positions"].sum())
+    assert out["loss"].dim() == 0 and torch.isfinite(out["loss"])
+    assert (out["hidden"][~batch["attention_mask"]] == 0).all()
+    out["loss"].backward()
+    assert model.embedding.gene.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+
+
+def test_no_loss_without_masks():
+    config = small()
+    out = SCFModel(config)(random_batch(config, [4, 2]))
+    assert "loss" not in out and out["cell_embedding"].shape == (2, 32)
+
+
+def test_initial_rank_loss_is_near_uniform():
+    config = small()
+    loss = SCFModel(config)(masked(config, lengths=[100] * 8))["loss"].item()
+    assert abs(loss - math.log(config.vocab_size)) < 0.3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loss_reads_only_masked_positions(kind):
+    config = small(kind)
+    model = SCFModel(config).eval()
+    batch = masked(config)
+    changed = dict(batch, labels=batch["labels"].masked_fill(~batch["mask_positions"], 3))
+    assert torch.equal(model(changed)["loss"], model(batch)["loss"])
+    moved = clone(batch)
+    moved["labels"][batch["mask_positions"]] = 5 if kind != "continuous" else 9.0
+    assert not torch.equal(model(moved)["loss"], model(batch)["loss"])
+
+
+def test_head_runs_only_on_masked_positions():
+    config = small()
+    model = SCFModel(config)
+    seen = []
+    model.head.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    batch = masked(config)
+    model(batch)
+    assert seen == [int(batch["mask_positions"].sum())]
+
+
+def test_rejects_masks_on_cls_or_padding():
+    config = small()
+    batch = masked(config)
+    bad = dict(batch, mask_positions=batch["mask_positions"].clone())
+    bad["mask_positions"][:, 0] = True
+    with pytest.raises(ModelError, match="mask_batch"): SCFModel(config)(bad)
+
+
+@pytest.mark.parametrize("problem, words", [("too_long", "max_len"), ("vocab", "vocab_size"), ("negative", "vocab_size"), ("no_cls", "<cls>"),
+                                            ("mask_dtype", "bool")])
+def test_forward_bad_batches(problem, words):
+    config = small()
+    batch = random_batch(config, [10, 4])
+    if problem == "too_long": batch = random_batch(config, [config.max_len])
+    if problem == "vocab": batch["input_ids"][0, 1] = config.vocab_size + 5
+    if problem == "negative": batch["input_ids"][1, 2] = -3
+    if problem == "no_cls": batch["attention_mask"][1, 0] = False
+    if problem == "mask_dtype": batch["attention_mask"] = batch["attention_mask"].long()
+    with pytest.raises(ModelError, match=words): SCFModel(config)(batch)
+
+
+# ---------------------------------------------------------------- padding invariance and embeddings
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_padding_invariance(kind, pooling):
+    config = small(kind, pooling=pooling)
+    model = SCFModel(config).eval()
+    batch = random_batch(config, [30, 6], seed=2)
+    alone = {key: value[1:2, :7] for key, value in batch.items()}
+    padded = model.embed(batch)[1]
+    assert torch.allclose(model.embed(alone)[0], padded, atol=1e-5)
+    hidden = model(batch)["hidden"][1, :7]
+    assert torch.allclose(model(alone)["hidden"][0], hidden, atol=1e-5)
+
+
+def test_embed_keeps_mode_and_needs_no_grad():
+    config = small(dropout=0.1)
+    model = SCFModel(config).train()
+    batch = masked(config)
+    embedding = model.embed(batch)
+    assert model.training and not embedding.requires_grad and embedding.shape == (3, 32)
+    assert torch.equal(embedding, model.embed(batch))          # eval mode: no dropout
+
+
+def test_mean_pooling_differs_from_cls():
+    cls_model = SCFModel(small(pooling="cls")).eval()
+    mean_model = SCFModel(small(pooling="mean")).eval()
+    mean_model.load_state_dict(cls_model.state_dict())
+    batch = random_batch(small(), [10, 5])
+    assert not torch.allclose(cls_model.embed(batch), mean_model.embed(batch))
+
+
+def test_token_layout_round_trip():
+    keep = torch.tensor([[True, False, True, True], [True, True, False, False], [True, False, False, False]])
+    layout = TokenLayout.from_keep(keep)
+    rows = torch.randn(int(keep.sum()), 3)
+    grid = layout.to_grid(rows)
+    assert grid.shape == (3, 3, 3) and torch.equal(layout.from_grid(grid), rows)
+    assert grid[2, 1:].abs().sum() == 0 and layout.key_mask[:, 0, 0].tolist() == [[True, True, True], [True, True, False], [True, False, False]]
+    assert TokenLayout.from_keep(torch.ones(2, 5, dtype=torch.bool)).key_mask is None
+
+
+# ---------------------------------------------------------------- asymmetric mode
+def test_asymmetric_encoder_sees_only_expressed_unmasked_genes():
+    config = small("continuous", asymmetric=True, decoder_d_model=32)
+    model = SCFModel(config)
+    batch = masked(config, lengths=[60, 40])
+    seen = []
+    model.encoder.blocks[0].register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    model(batch)
+    visible = batch["expressed_mask"] & ~batch["mask_positions"]
+    assert seen == [int(visible.sum()) + 2]                   # + one <cls> per cell
+
+
+def test_asymmetric_saves_compute():
+    symmetric = small("continuous")
+    asymmetric = small("continuous", asymmetric=True, decoder_d_model=32, decoder_layers=1)
+    symmetric = ModelConfig(**{**symmetric.to_dict(), "n_layers": 4})
+    asymmetric = ModelConfig(**{**asymmetric.to_dict(), "n_layers": 4})
+    batch = mask_batch(random_batch(symmetric, [250] * 4, seed=0, zero_fraction=0.8), symmetric,
+                       generator=torch.Generator().manual_seed(0))
+    full, light = count_flops(symmetric, batch), count_flops(asymmetric, batch)
+    assert light["encoder"] < 0.3 * full["encoder"] and light["total"] < 0.5 * full["total"]
+    assert light["decoder"] > 0 and full["decoder"] == 0
+    assert count_flops(symmetric, batch, training=False)["total"] * 3 == pytest.approx(full["total"])
+
+
+# ---------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trip(tmp_path, kind):
+    config = small(kind, asymmetric=kind == "continuous", vocab_version="v1", tokenizer={"name": kind})
+    model = SCFModel(config).eval()
+    batch = masked(config)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(path.name for path in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = SCFModel.from_pretrained(tmp_path / "ckpt", vocab="v1")
+    assert loaded.config == config and not loaded.training
+    assert torch.equal(loaded(batch)["loss"], model(batch)["loss"])
+    assert torch.equal(loaded.embed(batch), model.embed(batch))
+    assert loaded.num_parameters() == model.num_parameters() > 0
+
+
+def test_checkpoint_errors(tmp_path):
+    config = small(vocab_version="v1")
+    SCFModel(config).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="vocabulary version"): SCFModel.from_pretrained(tmp_path, vocab="v2")
+
+    class FakeVocab: version = "v2"
+    with pytest.raises(ModelError, match="vocabulary version"): SCFModel.from_pretrained(tmp_path, vocab=FakeVocab())
+    with pytest.raises(FileNotFoundError, match="save_pretrained"): SCFModel.from_pretrained(tmp_path / "missing")
+
+    wider = json.loads((tmp_path / "config.json").read_text()); wider["d_ff"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(wider))
+    with pytest.raises(ModelError, match=r"shape mismatch for encoder\.blocks\.0\.feed_forward"): SCFModel.from_pretrained(tmp_path)
+
+    deeper = dict(wider, d_ff=64, n_layers=3)
+    (tmp_path / "config.json").write_text(json.dumps(deeper))
+    with pytest.raises(ModelError, match="missing weights"): SCFModel.from_pretrained(tmp_path)
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(deeper, n_layers=2)))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelError, match="corrupt or truncated"): SCFModel.from_pretrained(tmp_path)
+    weights.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ModelError, match="corrupt or truncated"): SCFModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(ModelError, match="not valid JSON"): SCFModel.from_pretrained(tmp_path)
+
+
+def test_save_is_atomic_and_overwrites(tmp_path):
+    config = small()
+    first, second = SCFModel(config), SCFModel(config)
+    torch.nn.init.ones_(second.head.bias)
+    first.save_pretrained(tmp_path); second.save_pretrained(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(SCFModel.from_pretrained(tmp_path).head.bias, second.head.bias)
+
+
+def test_training_reduces_the_loss():
+    config = small()
+    torch.manual_seed(0)
+    model = SCFModel(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = masked(config, lengths=[40] * 8)
+    losses = []
+    for _ in range(30):
+        loss = model(batch)["loss"]
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bf16_autocast_runs():
+    config = small()
+    model = SCFModel(config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(masked(config))
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_real_collate_batches(kind):
+    "The model reads the batches of scfoundation.tokenization.collate on cells of the default data."
+    tokenization = pytest.importorskip("scfoundation.tokenization")
+    genes = pytest.importorskip("scfoundation.genes")
+    from scfoundation.data import load_pbmc68k
+    adata = genes.map_genes(load_pbmc68k()[:8].copy())
+    vocab = genes.Vocab.from_adata(adata)
+    tokenizer = {"rank": lambda: tokenization.RankValueTokenizer(vocab.with_medians(tokenization.compute_gene_medians(adata, vocab)), max_length=128),
+                 "bins": lambda: tokenization.BinningTokenizer(vocab, max_length=128, n_bins=51),
+                 "continuous": lambda: tokenization.ContinuousTokenizer(vocab, max_length=128)}[kind]()
+    batch = tokenization.collate(tokenizer.tokenize_adata(adata))
+    config = ModelConfig.named("teaching", vocab_size=len(vocab), input_kind=kind, n_bins=51, max_len=128, d_model=32,
+                               d_ff=64, asymmetric=kind == "continuous", decoder_d_model=32, vocab_version=vocab.version)
+    out = SCFModel(config)(mask_batch(batch, config, generator=torch.Generator().manual_seed(0)))
+    assert torch.isfinite(out["loss"]) and out["cell_embedding"].shape == (8, 32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cells_without_genes(kind):
+    "A cell of only <cls> gets no mask, a finite embedding, and a batch of such cells a zero loss."
+    config = small(kind, pooling="mean")
+    batch = mask_batch(random_batch(config, [0, 0]), config, generator=torch.Generator().manual_seed(0))
+    assert not batch["mask_positions"].any()
+    out = SCFModel(config)(batch)
+    assert out["n_masked"] == 0 and out["loss"].item() == 0 and torch.isfinite(out["cell_embedding"]).all()
+    mixed = mask_batch(random_batch(config, [6, 0]), config, generator=torch.Generator().manual_seed(0))
+    assert mixed["mask_positions"][0].any() and not mixed["mask_positions"][1].any()
+    assert torch.isfinite(SCFModel(config)(mixed)["loss"])
