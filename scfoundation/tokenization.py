@@ -171,7 +171,7 @@ def map_columns(counts: sp.csr_matrix,   # cells × source genes, raw counts
     totals[lengths > 0] = np.add.reduceat(counts.data, counts.indptr[:-1][lengths > 0], dtype=np.float64)
     tokens = token_ids[counts.indices]
     keep = (tokens >= 0) & (counts.data > 0)
-    if keep.all(): data, indptr = counts.data, counts.indptr
+    if keep.all(): data, indptr = counts.data.copy(), counts.indptr  # a copy: sort_indices below must not reorder the caller's matrix
     else:
         rows = np.repeat(np.arange(counts.shape[0]), lengths)
         data, tokens = counts.data[keep], tokens[keep]

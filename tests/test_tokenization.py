@@ -371,3 +371,21 @@ def test_genes_without_median_are_dropped():
     medians[unseen] = np.nan
     cells = RankValueTokenizer(vocab.with_medians(medians), 1000).tokenize_adata(adata)
     assert unseen not in set(cells.input_ids)
+
+
+def test_tokenizing_never_reorders_the_callers_matrix():
+    "Columns in a different order than the vocabulary: sorting tokens must not permute the user's data array."
+    import scfoundation.genes as genes
+    from scfoundation.tokenization import RankValueTokenizer, compute_gene_medians
+    rng = np.random.default_rng(0)
+    names = list(genes.Vocab.from_gene_table().genes[:50])[::-1]  # reversed: token order ≠ column order
+    X = sp.csr_matrix(rng.poisson(2.0, size=(40, 50)).astype(np.float32) + 1)
+    adata = ad.AnnData(X, var=pd.DataFrame(index=names))
+    dense_before = X.toarray()
+    vocab = genes.Vocab.from_genes(names)
+    vocab = vocab.with_medians(compute_gene_medians(adata, vocab))
+    RankValueTokenizer(vocab).tokenize_adata(adata)
+    np.testing.assert_array_equal(adata.X.toarray(), dense_before)
+    from scfoundation.tokenization import column_token_ids, map_columns
+    map_columns(X, column_token_ids(vocab, names), len(vocab))  # the building block, on the caller's own matrix
+    np.testing.assert_array_equal(X.toarray(), dense_before)
