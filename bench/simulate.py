@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # sibling scripts such as bench/tokenize.py must not shadow the standard library
+    sys.path.pop(0)  # sibling scripts such as bench/tokenization.py must not shadow the standard library
 
 import argparse
 import os
