@@ -7,7 +7,7 @@ is imported on first use, so torch is loaded only when a model is needed.
 import importlib
 
 _MODULES = ("data", "genes", "tokenization", "simulate", "model", "train", "evaluate", "annotate",
-            "integrate", "perturb", "insilico", "grn", "prior", "corpus", "cli", "docs")
+            "integrate", "perturb", "insilico", "grn", "prior", "corpus", "cli")
 
 
 def __getattr__(name):
