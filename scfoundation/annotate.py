@@ -61,14 +61,15 @@ def write_predictions(adata: ad.AnnData,        # cells; obs/obsm entries named 
                       classes: Sequence[str],    # class names, in the columns' order
                       key_added: str,            # prefix, e.g. "logreg" or "scf"
                      ) -> None:
-    "Write `obs[key_added+'_pred']`, `obs[key_added+'_confidence']` and `obsm[key_added+'_proba']`."
+    "Write `obs[key_added+'_pred']`, `obs[key_added+'_confidence']`, `obsm[key_added+'_proba']` and `uns[key_added]['classes']`."
     probabilities = np.asarray(probabilities, dtype=np.float32)
     if probabilities.shape != (adata.n_obs, len(classes)):
         raise DataError(f"probabilities have shape {probabilities.shape}, expected ({adata.n_obs}, {len(classes)}).")
     classes = [str(name) for name in classes]
     adata.obs[f"{key_added}_pred"] = pd.Categorical(np.asarray(classes)[probabilities.argmax(axis=1)], categories=classes)
     adata.obs[f"{key_added}_confidence"] = probabilities.max(axis=1)
-    adata.obsm[f"{key_added}_proba"] = pd.DataFrame(probabilities, index=adata.obs_names, columns=classes)
+    adata.obsm[f"{key_added}_proba"] = probabilities
+    adata.uns[key_added] = {**adata.uns.get(key_added, {}), "classes": classes}
 
 # %% ../nbs/08_annotate.ipynb #b0f1556e
 def logistic_baseline(adata: ad.AnnData,           # raw counts in X; labels and split in obs; predictions are written
@@ -89,7 +90,7 @@ def logistic_baseline(adata: ad.AnnData,           # raw counts in X; labels and
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
     pipeline.fit(features[~is_test], labels[~is_test])
     write_predictions(adata, pipeline.predict_proba(features), pipeline.classes_, key_added)
-    adata.uns[key_added] = {"genes": list(adata.var_names[genes]), "n_hvg": int(genes.sum()), "C": C, "seed": seed}
+    adata.uns[key_added].update({"genes": list(adata.var_names[genes]), "n_hvg": int(genes.sum()), "C": C, "seed": seed})
     return pipeline
 
 # %% ../nbs/08_annotate.ipynb #709aa13f
@@ -275,5 +276,5 @@ def annotate(adata: ad.AnnData,              # raw counts in X; predictions are 
             ) -> pd.Series:
     "Predict the cell type of every cell with a fine-tuned classifier; writes them to `adata` and returns the predictions."
     write_predictions(adata, predict_proba(classifier, adata, batch_size), classifier.classes, key_added)
-    adata.uns[key_added] = {"classes": classifier.classes, **{k: v for k, v in classifier.history.items()}}
+    adata.uns[key_added].update(classifier.history)
     return adata.obs[f"{key_added}_pred"]

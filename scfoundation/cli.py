@@ -19,7 +19,9 @@ from . import data, genes
 DEFAULT_DATA = "pbmc68k"  # the name that stands for the built-in data wherever a file is expected
 
 # %% auto #0
-__all__ = ['DEFAULT_DATA', 'prepare', 'load_cells', 'pretrain_command', 'embed_command', 'evaluate_command', 'demo', 'main']
+__all__ = ['DEFAULT_DATA', 'TASKS', 'FINE_TUNE_MODES', 'prepare', 'load_cells', 'pretrain_command', 'embed_command',
+           'evaluate_command', 'annotation_command', 'perturbation_command', 'insilico_command', 'grn_command',
+           'simulate_command', 'demo', 'main']
 
 # %% ../nbs/15_cli.ipynb #ea0fc6c3
 def prepare(source, # an AnnData or a path read by `data.read_anndata`
@@ -74,6 +76,12 @@ def pretrain_command(source, # cells, as `load_cells` takes them
     return history
 
 
+def _run_folder(run) -> Path:
+    "The model folder of a run: `run/final` when there is one, else `run` itself (a checkpoint folder)."
+    run = Path(run)
+    return run / "final" if (run / "final").is_dir() else run
+
+
 def embed_command(run, # a run folder (its final/) or a checkpoint folder
                   source, # cells, as `load_cells` takes them
                   key: str = "X_scf", # obsm key
@@ -81,9 +89,7 @@ def embed_command(run, # a run folder (its final/) or a checkpoint folder
                  ):
     "Cells with the model's embedding in obsm[key]."
     from scfoundation.train import embed_adata
-    run = Path(run)
-    folder = run / "final" if (run / "final").is_dir() else run
-    return embed_adata(folder, load_cells(source), key=key, progress=progress)
+    return embed_adata(_run_folder(run), load_cells(source), key=key, progress=progress)
 
 
 def evaluate_command(adata, # cells with labels and embeddings in obsm
@@ -102,6 +108,120 @@ def evaluate_command(adata, # cells with labels and embeddings in obsm
     harmony_embedding(adata, batch_key=batch_key, seed=seed)
     return integration_scores(adata, keys=[*keys, "X_harmony", "X_pca_hvg"], batch_key=batch_key,
                               label_key=label_key, seed=seed)
+
+# %% ../nbs/15_cli.ipynb #5ac3f027
+TASKS = ("embedding", "integration", "annotation", "perturbation", "insilico", "grn")
+FINE_TUNE_MODES = ("head", "full")
+
+
+def _load_run(run):
+    "(model, vocab, tokenizer) of a `scf pretrain` run folder or checkpoint folder."
+    from scfoundation.train import load_pretrained
+    return load_pretrained(_run_folder(run))
+
+
+def _require_truth(adata, part: str, task: str):
+    "Raise unless `adata` carries the simulator's truth `part` (network, perturbations)."
+    truth = adata.uns.get("truth")
+    if not isinstance(truth, dict) or part not in truth:
+        raise data.DataError(f"{task} is scored against the simulator's true {part}, which these cells do not carry "
+                             "(uns['truth']): run it on data from `scf simulate`.")
+
+# %% ../nbs/15_cli.ipynb #51c9f18c
+def annotation_command(adata, # cells with labels; the split and every method's predictions are written into it
+                       run, # a `scf pretrain` run folder (or checkpoint folder)
+                       label_key: str = "cell_type", # obs column with the true cell types
+                       modes=("head",), # fine-tuning modes: "head" (frozen encoder) and/or "full"
+                       epochs: int = 20, # passes over the training cells
+                       test_size: float = 0.3, # share of each cell type held out
+                       seed: int = 0, # seed of the split, the solver and the head
+                      ) -> pd.DataFrame:
+    "Fine-tuned classifiers beside logistic regression on HVGs: accuracy and macro-F1 on the held-out cells."
+    from scfoundation import annotate
+    unknown = sorted(set(modes) - set(FINE_TUNE_MODES))
+    if unknown: raise data.DataError(f"fine-tuning modes {unknown} are unknown: choose from {list(FINE_TUNE_MODES)}.")
+    model, _, tokenizer = _load_run(run)
+    annotate.split_cells(adata, label_key=label_key, test_size=test_size, seed=seed)
+    annotate.logistic_baseline(adata, label_key=label_key, seed=seed)
+    for mode in modes:
+        classifier = annotate.finetune_classifier(model, adata, tokenizer, label_key=label_key, mode=mode, epochs=epochs, seed=seed)
+        annotate.annotate(adata, classifier, key_added=f"scf_{mode}")
+    return annotate.annotation_table(adata, keys=["logreg", *(f"scf_{mode}" for mode in modes)], label_key=label_key)
+
+# %% ../nbs/15_cli.ipynb #d6855729
+def perturbation_command(adata, # cells labelled by perturbation (raw counts)
+                         run, # a `scf pretrain` run folder (or checkpoint folder)
+                         perturbation_key: str = "perturbation", # obs column naming each cell's perturbation
+                         control: str = "control", # the label of unperturbed cells
+                         seed: int = 0, # seed of the split and of the head
+                        ) -> pd.DataFrame:
+    "Held-out perturbations: a head on the model's gene embeddings beside the mean and additive baselines."
+    from scfoundation import perturb
+    observed = perturb.observed_response(adata, perturbation_key=perturbation_key, control=control)
+    simulated = isinstance(adata.uns.get("truth"), dict) and "perturbations" in adata.uns["truth"]
+    truth = perturb.true_response(adata) if simulated else observed
+    split = perturb.split_perturbations(observed.index, seed=seed)
+    train, groups = observed.loc[split.index[split["split"] == "train"]], split.loc[split["split"] == "test", "group"]
+    if groups.empty or train.empty:
+        raise data.DataError(f"{len(observed)} perturbations are too few to hold some out: measure at least 4 singles.")
+    model, _, tokenizer = _load_run(run)
+    controls = adata[(adata.obs[perturbation_key].astype(str) == control).to_numpy()]
+    embedding = perturb.gene_embeddings(model, controls, tokenizer, seed=seed)
+    tfs = [str(tf) for tf in adata.uns["truth"]["tfs"]] if simulated else None
+    head = perturb.fit_perturbation_model(embedding, train, tfs=tfs, seed=seed)
+    specs = list(groups.index)
+    predictions = {"model: head on gene embeddings": perturb.predict_response(head, specs),
+                   "baseline: mean of training": perturb.mean_baseline(train, specs),
+                   "baseline: additive": perturb.additive_baseline(train, specs)}
+    return perturb.response_scores(predictions, truth, groups)
+
+# %% ../nbs/15_cli.ipynb #c24a5c48
+def insilico_command(adata, # simulated cells (`scf simulate`)
+                     run, # a `scf pretrain` run folder (or checkpoint folder)
+                     source: str | None, # the cell type to perturb
+                     target: str | None, # the cell type to move toward
+                     mode: str = "delete", # "delete" or "overexpress"
+                     max_cells: int = 100, # source cells perturbed
+                     seed: int = 0, # which source cells
+                    ) -> pd.DataFrame:
+    "Ranking of genes by how far deleting (or overexpressing) them moves source cells toward the target, vs DE and the truth."
+    from scfoundation.insilico import insilico_benchmark
+    _require_truth(adata, "network", "in-silico perturbation")
+    types = sorted(adata.obs["cell_type"].astype(str).unique())
+    for name, value in (("source", source), ("target", target)):
+        if value not in types: raise data.DataError(f"the {name} cell type {value!r} is not in obs['cell_type']: pass --{name} one of {types}.")
+    model, _, tokenizer = _load_run(run)
+    return insilico_benchmark(model, adata, tokenizer, source, target, mode=mode, max_cells=max_cells, seed=seed)[0]
+
+
+def grn_command(adata, # simulated cells (`scf simulate`)
+                run, # a `scf pretrain` run folder (or checkpoint folder)
+                max_cells: int = 300, # cells for contextual embeddings and attention
+                seed: int = 0, # which cells
+               ) -> pd.DataFrame:
+    "AUPRC of regulator → target edges from the model's gene embeddings and attention, beside correlation."
+    from scfoundation.grn import grn_benchmark
+    _require_truth(adata, "network", "network inference")
+    model, _, tokenizer = _load_run(run)
+    return grn_benchmark(model, adata, tokenizer, max_cells=max_cells, seed=seed)[0]
+
+# %% ../nbs/15_cli.ipynb #f2964151
+def simulate_command(n_cells: int = 2000, # cells
+                     n_genes: int = 200, # genes (real human symbols)
+                     n_tfs: int = 30, # transcription factors in the network
+                     n_cell_types: int = 6, # leaves of the lineage tree
+                     n_batches: int = 1, # technical batches
+                     n_singles: int = 0, # single perturbations (0: none)
+                     n_doubles: int = 0, # double perturbations combining two singles
+                     seed: int = 0, # same seed, same data
+                    ):
+    "Simulated counts with their truth in uns['truth'], genes mapped onto the human table."
+    from scfoundation.perturb import design_perturbations
+    from scfoundation.simulate import SimConfig, simulate
+    specs = design_perturbations(n_tfs, n_singles, n_doubles, seed=seed) if n_singles else []
+    config = SimConfig(n_cells=n_cells, n_genes=n_genes, n_tfs=n_tfs, n_cell_types=n_cell_types, n_batches=n_batches,
+                       edge_density=0.1, perturbations=tuple(specs), perturbed_fraction=0.8 if specs else 0.5, seed=seed)
+    return genes.map_genes(simulate(config))
 
 # %% ../nbs/15_cli.ipynb #71b33095
 def _save(fig, path: Path):
@@ -183,15 +303,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="a `scf pretrain --out` folder (or its final/ or a checkpoint-<step> folder)")
     e.add_argument("input", help=f"cells: .h5ad / 10x input, or '{DEFAULT_DATA}'")
     e.add_argument("output", help="the .h5ad to write, with obsm['X_scf']")
-    v = sub.add_parser("evaluate", help="score embeddings beside PCA on highly variable genes",
-                       description="Print ARI/NMI of Leiden clusters, label silhouette and kNN accuracy for each embedding "
-                                   "in INPUT's obsm, beside PCA on highly variable genes computed on the same cells.")
-    v.add_argument("input", help="an .h5ad with raw counts, labels in obs and embeddings in obsm (e.g. from `scf embed`)")
-    v.add_argument("--keys", nargs="+", default=["X_scf"], help="obsm keys to score (default X_scf)")
-    v.add_argument("--label-key", default="cell_type", help="obs column with the true labels (default cell_type)")
-    v.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    v.add_argument("--batch-key", help="obs column with batches: print scib-style batch-mixing and biology-conservation "
-                                       "scores beside uncorrected PCA and Harmony instead")
+    _evaluate_parser(sub)
+    s = sub.add_parser("simulate", help="simulated counts with known truth (types, batches, network, perturbations) → .h5ad",
+                       description="Simulate cells with the book's simulator and write OUTPUT .h5ad with the truth in "
+                                   "uns['truth'] and genes mapped: ready for `scf pretrain` and every `scf evaluate --task`.")
+    s.add_argument("output", help="the .h5ad to write")
+    s.add_argument("--cells", type=int, default=2000, help="cells (default 2000)")
+    s.add_argument("--genes", type=int, default=200, help="genes (default 200)")
+    s.add_argument("--tfs", type=int, default=30, help="transcription factors in the network (default 30)")
+    s.add_argument("--cell-types", type=int, default=6, help="cell types (default 6)")
+    s.add_argument("--batches", type=int, default=1, help="technical batches (default 1)")
+    s.add_argument("--singles", type=int, default=0, help="single perturbations on distinct TFs (default 0: none)")
+    s.add_argument("--doubles", type=int, default=0, help="double perturbations combining two singles (default 0)")
+    s.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     c = sub.add_parser("build-corpus", help="many .h5ad files → a sharded corpus on disk (resumable, parallel)",
                        description="Read each INPUT .h5ad (raw counts in X, any gene ids) in chunks, map its genes onto the "
                                    "vocabulary and write memory-mapped shards plus manifest.json to OUT. Re-running resumes: "
@@ -211,6 +335,57 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 # %% ../nbs/15_cli.ipynb #bd8bf88a
+def _evaluate_parser(sub):
+    v = sub.add_parser("evaluate", help="downstream tables: the model beside simple baselines",
+                       description="Print a downstream table for the cells in INPUT, the model beside simple baselines "
+                                   "on the same split. Default task: score the embeddings in obsm (ARI/NMI of Leiden "
+                                   "clusters, label silhouette, kNN accuracy) beside PCA on highly variable genes.")
+    v.add_argument("input", help=f"an .h5ad (raw counts, labels in obs; embeddings in obsm for embedding/integration), or '{DEFAULT_DATA}'")
+    v.add_argument("--task", choices=TASKS, help="embedding (default), integration (default with --batch-key), annotation, "
+                   "perturbation, insilico, grn; the last four need --model, insilico and grn simulated data")
+    v.add_argument("--model", help="a `scf pretrain --out` folder: the model for annotation, perturbation, insilico and grn")
+    v.add_argument("--label-key", default="cell_type", help="obs column with the true labels (default cell_type)")
+    v.add_argument("--seed", type=int, default=0, help="seed of splits, solvers and heads (default 0)")
+    v.add_argument("--table", help="also write the table to this .csv")
+    v.add_argument("--output", help="write the cells to this .h5ad (annotation: with every method's predictions in obs/obsm)")
+    g = v.add_argument_group("embedding and integration")
+    g.add_argument("--keys", nargs="+", default=["X_scf"], help="obsm keys to score (default X_scf)")
+    g.add_argument("--batch-key", help="obs column with batches: print scib-style batch-mixing and biology-conservation "
+                                       "scores beside uncorrected PCA and Harmony")
+    g = v.add_argument_group("annotation")
+    g.add_argument("--fine-tune", nargs="+", default=["head"], choices=FINE_TUNE_MODES,
+                   help="head: linear head on the frozen encoder (default); full: the encoder trains too (slower)")
+    g.add_argument("--epochs", type=int, default=20, help="fine-tuning passes over the training cells (default 20)")
+    g = v.add_argument_group("perturbation")
+    g.add_argument("--perturbation-key", default="perturbation", help="obs column naming each cell's perturbation (default perturbation)")
+    g.add_argument("--control", default="control", help="label of unperturbed cells (default control)")
+    g = v.add_argument_group("insilico and grn")
+    g.add_argument("--source", help="insilico: the cell type whose cells are perturbed")
+    g.add_argument("--target", help="insilico: the cell type to move toward")
+    g.add_argument("--mode", default="delete", choices=["delete", "overexpress"], help="insilico: perturbation (default delete)")
+    g.add_argument("--max-cells", type=int, help="cells used (default: 100 for insilico, 300 for grn)")
+
+
+def _evaluate(args):
+    "(table, cells) for the task `args` name."
+    task = args.task or ("integration" if args.batch_key else "embedding")
+    if task in ("embedding", "integration"):
+        if task == "integration" and not args.batch_key: raise data.DataError("--task integration needs --batch-key: the obs column with batches.")
+        adata = data.read_anndata(args.input)
+        return evaluate_command(adata, keys=args.keys, label_key=args.label_key, seed=args.seed, batch_key=args.batch_key), adata
+    if not args.model: raise data.DataError(f"--task {task} needs --model RUN: a folder written by `scf pretrain --out RUN`.")
+    adata = load_cells(args.input)
+    if task == "annotation":
+        table = annotation_command(adata, args.model, args.label_key, modes=args.fine_tune, epochs=args.epochs, seed=args.seed)
+    elif task == "perturbation":
+        table = perturbation_command(adata, args.model, args.perturbation_key, args.control, seed=args.seed)
+    elif task == "insilico":
+        table = insilico_command(adata, args.model, args.source, args.target, args.mode, max_cells=args.max_cells or 100, seed=args.seed)
+    else:
+        table = grn_command(adata, args.model, max_cells=args.max_cells or 300, seed=args.seed)
+    return table, adata
+
+# %% ../nbs/15_cli.ipynb #15f8e40a
 def _user_errors() -> tuple:
     "The exceptions that mean 'your input is wrong' (a one-line message), not 'scfoundation has a bug' (a traceback)."
     from scfoundation.model import ModelError
@@ -237,9 +412,15 @@ def main(argv: list[str] | None = None) -> int:
             embedded.write_h5ad(args.output)
             print(f"wrote {args.output}: obsm['X_scf'] {embedded.obsm['X_scf'].shape}")
         elif args.command == "evaluate":
-            table = evaluate_command(data.read_anndata(args.input), keys=args.keys, label_key=args.label_key,
-                                     seed=args.seed, batch_key=args.batch_key)
+            table, adata = _evaluate(args)
             print(table.round(3).to_string())
+            if args.table: table.to_csv(args.table); print(f"wrote {args.table}")
+            if args.output: adata.write_h5ad(args.output); print(f"wrote {args.output}")
+        elif args.command == "simulate":
+            adata = simulate_command(args.cells, args.genes, args.tfs, args.cell_types, args.batches, args.singles, args.doubles, args.seed)
+            adata.write_h5ad(args.output)
+            print(f"wrote {args.output}: {adata.n_obs} cells × {adata.n_vars} genes, {len(adata.uns['truth']['network']['regulator'])} "
+                  f"network edges, {adata.obs['perturbation'].nunique() - 1} perturbations")
         elif args.command == "build-corpus":
             from scfoundation.corpus import build_corpus, corpus_vocab
             vocab = genes.Vocab.load(args.vocab) if args.vocab else corpus_vocab(args.inputs, id_type=args.id_type)
