@@ -11,6 +11,10 @@ the default data (lengths = expressed genes per cell, batches grouped by length)
 
 The peer runs at its best: SDPA attention with attention dropout 0 (the fused kernel), hidden
 dropout 0.02 as Geneformer; its inference is `model.bert` (hidden states, no vocabulary head).
+A second peer inference column ("as EmbExtractor") runs what Geneformer's own embedding extractor
+runs: the whole `BertForMaskedLM` forward with `output_hidden_states=True`, vocabulary head on every
+token included, its hidden states then pooled. "flop x" is the peer's training FLOPs over ours: the
+training ratio both models would show at equal efficiency.
 FLOPs are counted from the matrix products actually needed (see `scfoundation.model.count_flops`):
 our head only on masked tokens, the peer's head on every token (that is what it computes).
 Requires `transformers` (bench_requirements in settings.ini).
@@ -136,6 +140,12 @@ def peer(config: ModelConfig, batches: list[dict], precision: str) -> dict:
             for batch in plain: model.bert(**batch)
         model.train()
 
+    def infer_as_extractor():
+        model.eval()
+        with torch.inference_mode(), autocast(precision):
+            for batch in plain: model(**batch, output_hidden_states=True).hidden_states[-1]
+        model.train()
+
     tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     cells = sum(len(batch["input_ids"]) for batch in batches)
     d_model, vocab = config.d_model, config.vocab_size
@@ -143,16 +153,19 @@ def peer(config: ModelConfig, batches: list[dict], precision: str) -> dict:
     for batch in batches:   # the peer computes on padding too, and its head on every token
         padded = torch.full((len(batch["input_ids"]),), batch["input_ids"].shape[1])
         flops += 3 * (_stack_flops(padded, config.n_layers, d_model, config.d_ff) + padded.sum().item() * (2 * d_model * d_model + 2 * d_model * vocab))
-    return dict(train=train_all, infer=infer_all, tokens=tokens, cells=cells, flops=flops)
+    return dict(train=train_all, infer=infer_all, infer_extractor=infer_as_extractor, tokens=tokens, cells=cells, flops=flops)
 
 
 def measure(models: list[dict], repeats: int) -> list[dict]:
     "Training tokens/s, inference cells/s and training GFLOP/s of each model, their repeats interleaved."
     train_seconds = interleaved([model["train"] for model in models], repeats)
-    infer_seconds = interleaved([model["infer"] for model in models], repeats)
-    return [dict(train_tokens=model["tokens"] / train, infer_cells=model["cells"] / infer,
-                 train_gflops=model["flops"] / train / 1e9, train_seconds=train)
-            for model, train, infer in zip(models, train_seconds, infer_seconds)]
+    extra = [model["infer_extractor"] for model in models if "infer_extractor" in model]
+    infer_seconds = interleaved([model["infer"] for model in models] + extra, repeats)
+    results = [dict(train_tokens=model["tokens"] / train, infer_cells=model["cells"] / infer,
+                    train_gflops=model["flops"] / train / 1e9, train_seconds=train, flops=model["flops"])
+               for model, train, infer in zip(models, train_seconds, infer_seconds)]
+    if extra: results[-1]["extractor_cells"] = models[-1]["cells"] / infer_seconds[-1]
+    return results
 
 
 def full_length_batches(config: ModelConfig, length: int, tokens_per_batch: int, n_batches: int) -> list[dict]:
@@ -193,8 +206,8 @@ def main():
     peaks = {"bf16": matmul_peak(torch.bfloat16, sizes), "fp32": matmul_peak(torch.float32, sizes)}
     print(f"torch {torch.__version__}, {args.threads} threads; matmul peak: bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s")
     print(f"model: geneformer-6l ({SCFModel(config).num_parameters():,} parameters), 15% masking, fused AdamW, {args.repeats} repeats\n")
-    header = (f"{'run':<14}{'prec':<6}{'ours tok/s':>11}{'peer tok/s':>11}{'x':>6}{'ours cell/s':>12}{'peer cell/s':>12}{'x':>6}"
-              f"{'ours GF/s':>10}{'% peak':>8}{'attn %':>8}{'max x':>7}")
+    header = (f"{'run':<14}{'prec':<6}{'ours tok/s':>11}{'peer tok/s':>11}{'x':>6}{'flop x':>7}{'ours cell/s':>12}{'peer cell/s':>12}{'x':>6}"
+              f"{'as EmbExtractor':>16}{'x':>6}{'ours GF/s':>10}{'% peak':>8}{'attn %':>8}{'max x':>7}")
     print(header); print("-" * len(header))
     runs = [(f"full L={length}", lambda length=length: full_length_batches(config, length, args.tokens_per_batch, 1)) for length in args.lengths]
     if not args.no_real: runs.append(("real lengths", lambda: real_length_batches(config, args.tokens_per_batch, 64 if args.quick else 256)))
@@ -207,11 +220,15 @@ def main():
             ratio = lambda key: f"{mine[key] / other[key]:6.1f}" if other else "-".rjust(6)
             value = lambda key, width, digits: f"{other[key]:{width}.{digits}f}" if other else "-".rjust(width)
             ceiling = f"{other['train_seconds'] / attention:7.1f}" if other else "-".rjust(7)
-            print(f"{name:<14}{precision:<6}{mine['train_tokens']:11.0f}{value('train_tokens', 11, 0)}{ratio('train_tokens')}"
-                  f"{mine['infer_cells']:12.1f}{value('infer_cells', 12, 1)}{ratio('infer_cells')}"
+            flop_ratio = f"{other['flops'] / mine['flops']:7.1f}" if other else "-".rjust(7)
+            extractor = f"{other['extractor_cells']:16.1f}{mine['infer_cells'] / other['extractor_cells']:6.1f}" if other else "-".rjust(22)
+            print(f"{name:<14}{precision:<6}{mine['train_tokens']:11.0f}{value('train_tokens', 11, 0)}{ratio('train_tokens')}{flop_ratio}"
+                  f"{mine['infer_cells']:12.1f}{value('infer_cells', 12, 1)}{ratio('infer_cells')}{extractor}"
                   f"{mine['train_gflops']:10.0f}{100 * mine['train_gflops'] / peaks[precision]:7.1f}%"
                   f"{100 * attention / mine['train_seconds']:7.0f}%{ceiling}", flush=True)
-    print("\nx: ours / peer, same precision, same batches. % peak: our training GFLOP/s (useful matrix-product FLOPs,")
+    print("\nx: ours / peer, same precision, same batches. flop x: the peer's training FLOPs / ours (x at equal efficiency).")
+    print("as EmbExtractor: the peer's inference the way Geneformer's embedding extractor runs it (BertForMaskedLM forward,")
+    print("vocabulary head on every token), and our inference over it. % peak: our training GFLOP/s (useful matrix-product FLOPs,")
     print("scfoundation.model.count_flops) over this machine's matmul peak in that precision. attn %: share of our training")
     print("step spent in the fused SDPA kernel (forward + backward), which both models call; max x: the training ratio a model")
     print("doing nothing but that attention would reach against the peer (an upper bound on x at this length).")
