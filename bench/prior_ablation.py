@@ -1,10 +1,13 @@
 """Prior-knowledge ablation, longer than the chapter's: the same pretraining (train.pretrain, same
 seeds, same split) with no prior, with all seven sources, and with each source group alone, on
 pbmc68k; held-out masked loss and kNN accuracy of cell types; on the simulator, regulator→target
-AUROC of gene embeddings. Prints one table per data set (mean ± sd over seeds).
+AUROC of gene embeddings; on a simulated perturbation screen (pretrained on its control cells),
+how well the perturbation head of chapter 10 predicts held-out perturbations from each arm's gene
+embeddings. Prints one table per data set (mean ± sd over seeds).
 
     python -P bench/prior_ablation.py                     # 3 seeds × 400 steps
     python -P bench/prior_ablation.py --steps 100 --seeds 2 --quick   # no per-group arms
+    python -P bench/prior_ablation.py --data perturbation # one data set
 
 (`-P`: do not put bench/ on sys.path, where bench/tokenize.py would shadow the standard library's
 `tokenize` module.)
@@ -21,6 +24,9 @@ from scfoundation.data import load_pbmc68k
 from scfoundation.evaluate import knn_accuracy, stratified_split
 from scfoundation.genes import SPECIAL_TOKENS, Vocab, map_genes
 from scfoundation.model import ModelConfig, SCFModel, mask_batch
+from scfoundation.perturb import (additive_baseline, design_perturbations, fit_perturbation_model, gene_embeddings,
+                                  mean_baseline, observed_response, predict_response, response_scores,
+                                  split_perturbations, true_response)
 from scfoundation.prior import GENE_SET_SOURCES, PriorGeneEmbedding, add_prior, build_prior_features
 from scfoundation.simulate import SimConfig, simulate
 from scfoundation.tokenization import CellDataset, RankValueTokenizer, collate, compute_gene_medians
@@ -40,6 +46,21 @@ def prepared(adata, label_key="cell_type"):
     tokenizer = RankValueTokenizer(vocab, max_length=128)
     return dict(adata=adata, labels=labels, train=train, test=adata[is_test].copy(), vocab=vocab,
                 tokenizer=tokenizer, prior=build_prior_features(vocab, corpus=train, dim=32))
+
+
+def prepared_screen():
+    "The perturbation chapter's screen; pretraining cells, vocabulary medians and prior from its control cells only."
+    specs = design_perturbations(n_tfs=30, n_singles=16, n_doubles=16, seed=0)
+    screen = map_genes(simulate(SimConfig(n_cells=2000, n_genes=200, n_tfs=30, edge_density=0.1, n_batches=1,
+                                          perturbations=tuple(specs), perturbed_fraction=0.8, seed=0)))
+    controls = screen[screen.obs["perturbation"] == "control"].copy()
+    vocab = Vocab.from_adata(screen)
+    vocab = vocab.with_medians(compute_gene_medians(controls, vocab))
+    split = split_perturbations(specs, seed=0)
+    return dict(train=controls, vocab=vocab, tokenizer=RankValueTokenizer(vocab, max_length=128),
+                prior=build_prior_features(vocab, corpus=controls, dim=32), truth=true_response(screen),
+                tfs=list(screen.uns["truth"]["tfs"]), groups=split.loc[split["split"] == "test", "group"],
+                train_responses=observed_response(screen).loc[split.index[split["split"] == "train"]])
 
 
 def trained(data, sources, seed, steps):
@@ -85,19 +106,47 @@ def edge_auroc(model, vocab, network, learned_only):
     return float(np.mean(scores))
 
 
-def run(data, arms, seeds, steps, network=None):
+def cell_scores(model, data):
+    return {"held-out loss": held_out_loss(model, data),
+            "kNN accuracy": knn_accuracy(cell_embeddings(model, data), data["labels"], seed=0)}
+
+
+def network_scores(network):
+    def score(model, data):
+        return {**cell_scores(model, data), "edges AUROC (E)": edge_auroc(model, data["vocab"], network, True),
+                "edges AUROC (E+prior)": edge_auroc(model, data["vocab"], network, False)}
+    return score
+
+
+def weighted(scores):
+    "Mean Pearson r and top-DE MSE over all scored perturbations (each group weighted by its size)."
+    return {"perturbation r": float(np.average(scores["pearson"], weights=scores["n"])),
+            "perturbation MSE (top DE)": float(np.average(scores["mse_top_de"], weights=scores["n"]))}
+
+
+def perturbation_scores(model, data):
+    embedding = gene_embeddings(model, data["train"], data["tokenizer"], max_cells=300, seed=0)
+    head = fit_perturbation_model(embedding, data["train_responses"], tfs=data["tfs"], seed=0)
+    specs = list(data["groups"].index)
+    return weighted(response_scores({"head": predict_response(head, specs)}, data["truth"], data["groups"]))
+
+
+def baselines(data):
+    "The mean and additive baselines (which do not depend on the arm), over the perturbations each predicts."
+    specs, rows = list(data["groups"].index), {}
+    for name, method in [("mean baseline", mean_baseline), ("additive baseline", additive_baseline)]:
+        scores = response_scores({name: method(data["train_responses"], specs)}, data["truth"], data["groups"])
+        rows[name] = {**weighted(scores), "perturbations": int(scores["n"].sum())}
+    return pd.DataFrame(rows).T.astype({"perturbations": int}).round(4)
+
+
+def run(data, arms, seeds, steps, score=cell_scores):
     rows = []
     for seed in range(seeds):
         for arm in arms:
             began = time.perf_counter()
             model = trained(data, ARMS[arm], seed, steps)
-            row = {"arm": arm, "seed": seed, "held-out loss": held_out_loss(model, data),
-                   "kNN accuracy": knn_accuracy(cell_embeddings(model, data), data["labels"], seed=0)}
-            if network is not None:
-                row["edges AUROC (E)"] = edge_auroc(model, data["vocab"], network, True)
-                row["edges AUROC (E+prior)"] = edge_auroc(model, data["vocab"], network, False)
-            row["seconds"] = time.perf_counter() - began
-            rows.append(row)
+            rows.append({"arm": arm, "seed": seed, **score(model, data), "seconds": time.perf_counter() - began})
     table = pd.DataFrame(rows).drop(columns="seed").groupby("arm", sort=False)
     return table.mean().round(4).astype(str) + " ± " + table.std().round(4).astype(str)
 
@@ -107,17 +156,27 @@ def main():
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="only 'no prior' and 'all 7 sources'")
+    parser.add_argument("--data", nargs="+", choices=("pbmc", "simulator", "perturbation"),
+                        default=["pbmc", "simulator", "perturbation"], help="data sets to run (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     arms = list(ARMS)[:2] if args.quick else list(ARMS)
     print(f"torch threads {torch.get_num_threads()}, {args.steps} steps, {args.seeds} seeds (teaching config, max_len 128)")
-    pbmc = prepared(map_genes(load_pbmc68k()))
-    print("\npbmc68k (700 cells; held-out = 30% stratified):")
-    print(run(pbmc, arms, args.seeds, args.steps).to_string())
-    simulated = map_genes(simulate(SimConfig(n_cells=1000, n_genes=400, n_tfs=40, seed=0)))
-    network = pd.DataFrame(simulated.uns["truth"]["network"])[["regulator", "target"]]
-    print("\nsimulator (1000 cells, 400 genes, random GRN over real human genes):")
-    print(run(prepared(simulated), arms, args.seeds, args.steps, network).to_string())
+    if "pbmc" in args.data:
+        pbmc = prepared(map_genes(load_pbmc68k()))
+        print("\npbmc68k (700 cells; held-out = 30% stratified):")
+        print(run(pbmc, arms, args.seeds, args.steps).to_string())
+    if "simulator" in args.data:
+        simulated = map_genes(simulate(SimConfig(n_cells=1000, n_genes=400, n_tfs=40, seed=0)))
+        network = pd.DataFrame(simulated.uns["truth"]["network"])[["regulator", "target"]]
+        print("\nsimulator (1000 cells, 400 genes, random GRN over real human genes):")
+        print(run(prepared(simulated), arms, args.seeds, args.steps, network_scores(network)).to_string())
+    if "perturbation" in args.data:
+        screen = prepared_screen()
+        print(f"\nperturbation screen (2000 cells, 200 genes, 16 singles + 16 doubles; pretrained on its "
+              f"{screen['train'].n_obs} control cells; {len(screen['groups'])} held-out perturbations):")
+        print(run(screen, arms, args.seeds, args.steps, perturbation_scores).to_string())
+        print(baselines(screen).to_string())
 
 
 if __name__ == "__main__":

@@ -108,8 +108,9 @@ def input_gene_embeddings(model,  # an `SCFModel`
                           vocab,  # its `Vocab`
                           genes,  # gene names
                          ) -> pd.DataFrame:
-    "Rows of the model's token-embedding table, one per gene (genes × d)."
-    table = model.embedding.gene.weight.detach().float().cpu().numpy()[_token_ids(vocab, genes)]
+    "The model's input embedding of each gene (genes × d): its gene-embedding module's output for the gene's token."
+    ids = torch.as_tensor(_token_ids(vocab, genes), device=next(model.parameters()).device)
+    with torch.no_grad(): table = model.embedding.gene(ids).float().cpu().numpy()
     return pd.DataFrame(table, index=pd.Index([str(gene) for gene in genes], name="gene"))
 
 # %% ../nbs/12_grn.ipynb #8d7209e0

@@ -4,17 +4,20 @@
 
 # %% auto #0
 __all__ = ['INPUT_KINDS', 'POOLINGS', 'ACTIVATIONS', 'PAD_ID', 'MASK_ID', 'CLS_ID', 'N_SPECIAL', 'MASK_VALUE', 'NAMED_CONFIGS',
-           'REQUIRED_KEYS', 'ModelError', 'ModelConfig', 'random_batch', 'mask_batch', 'AutoDiscretization',
-           'TokenEmbedding', 'TokenLayout', 'SelfAttention', 'Block', 'Encoder', 'encoder_keep', 'masked_loss',
-           'pool_cells', 'SCFModel', 'count_flops']
+           'REQUIRED_KEYS', 'PRETRAINED_EXTENSIONS', 'EXTENSION_MODULES', 'ModelError', 'ModelConfig', 'random_batch',
+           'mask_batch', 'AutoDiscretization', 'TokenEmbedding', 'TokenLayout', 'SelfAttention', 'Block', 'Encoder',
+           'encoder_keep', 'masked_loss', 'pool_cells', 'SCFModel', 'count_flops', 'PretrainedExtension',
+           'register_extension', 'extension_files', 'extension_headers']
 
 # %% ../nbs/05_model.ipynb #b13399a4
+import importlib
 import json
 import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -514,14 +517,81 @@ def _write_atomically(path: Path, write):
     finally:
         if os.path.exists(temporary): os.remove(temporary)
 
+# %% ../nbs/05_model.ipynb #b1329a17
+@dataclass(frozen=True)
+class PretrainedExtension:
+    "A JSON file of a pretrained folder that describes a part of the model `SCFModel(config)` does not build."
+    file_name: str      # e.g. "prior.json"
+    describe: Callable  # describe(model) -> dict | None: the file's content; None when the model lacks the part
+    rebuild: Callable   # rebuild(model, header, directory): add the part to a fresh model, before its weights load
+
+PRETRAINED_EXTENSIONS: dict = {}                          # file name -> PretrainedExtension (see register_extension)
+EXTENSION_MODULES = {"prior.json": "scfoundation.prior"}  # file name -> the module that registers it when imported
+
+def register_extension(file_name: str, # a JSON file of the folder, e.g. "prior.json"
+                       describe,       # describe(model) -> dict | None
+                       rebuild,        # rebuild(model, header: dict, directory: Path) -> None
+                      ) -> PretrainedExtension:
+    "Make `save_pretrained` write, and `from_pretrained` read back, one more JSON file (a name registered again is replaced)."
+    if not file_name.endswith(".json") or Path(file_name).name != file_name or file_name == "config.json":
+        raise ModelError(f"extension file {file_name!r} must be a plain *.json file name other than config.json")
+    PRETRAINED_EXTENSIONS[file_name] = PretrainedExtension(file_name, describe, rebuild)
+    return PRETRAINED_EXTENSIONS[file_name]
+
+# %% ../nbs/05_model.ipynb #ef2596f2
+def extension_files() -> list[str]:
+    "Every extension file name a pretrained folder may hold: the registered ones and those of `EXTENSION_MODULES`."
+    return list(dict.fromkeys([*EXTENSION_MODULES, *PRETRAINED_EXTENSIONS]))
+
+def extension_headers(model: nn.Module) -> dict:
+    "File name -> JSON content, for each registered extension whose part `model` has."
+    headers = {name: extension.describe(model) for name, extension in PRETRAINED_EXTENSIONS.items()}
+    return {name: header for name, header in headers.items() if header is not None}
+
+def _write_extensions(headers: dict, directory: Path):
+    "Write each header atomically; remove the extension files of parts the model lacks."
+    for name in extension_files():
+        path = directory / name
+        if name in headers:
+            text = json.dumps(headers[name], indent=1, sort_keys=True) + "\n"
+            _write_atomically(path, lambda temporary: Path(temporary).write_text(text))
+        elif path.exists(): path.unlink()
+
+# %% ../nbs/05_model.ipynb #6fc05a6c
+def _registered(name: str) -> PretrainedExtension:
+    "The extension that reads file `name`, importing the module that registers it when needed."
+    module = EXTENSION_MODULES.get(name)
+    if name not in PRETRAINED_EXTENSIONS and module is not None:
+        try: importlib.import_module(module)
+        except ImportError as error:
+            raise ModelError(f"reading {name} needs the module {module}, which cannot be imported ({error}): "
+                             f"install or upgrade scfoundation") from None
+    if name not in PRETRAINED_EXTENSIONS:
+        raise ModelError(f"no extension reads {name} (module {module} registered none): upgrade scfoundation")
+    return PRETRAINED_EXTENSIONS[name]
+
+def _rebuild_extensions(model: nn.Module, directory: Path) -> list[str]:
+    "Let the extension of each extension file in `directory` add its part to the fresh `model`; returns the files."
+    found = [name for name in extension_files() if (directory / name).is_file()]
+    for name in found:
+        extension = _registered(name)
+        try: header = json.loads((directory / name).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelError(f"{directory / name} is not valid JSON ({error}): re-save the model with save_pretrained") from None
+        extension.rebuild(model, header, directory)
+    return found
+
+# %% ../nbs/05_model.ipynb #c7dc1dd7
 def _save_pretrained(self, directory: str | Path, # folder to write (created if needed)
                     ) -> Path:
-    "Write `config.json` and `model.safetensors` into `directory`, each atomically."
+    "Write `config.json`, `model.safetensors` and the files of the model's extensions into `directory`, each atomically."
     from safetensors.torch import save_file
     directory = Path(directory); directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+    headers = extension_headers(self)        # before any write: a failing extension leaves the folder as it was
     _write_atomically(directory / "model.safetensors", lambda path: save_file(state, path, metadata={"format": "pt"}))
     _write_atomically(directory / "config.json", lambda path: self.config.to_json(path))
+    _write_extensions(headers, directory)
     return directory
 
 _attach(SCFModel, save_pretrained=_save_pretrained)
@@ -543,11 +613,12 @@ def _load_weights(path: Path) -> dict:
                          f"copy it again or re-save the model with save_pretrained") from None
 
 # %% ../nbs/05_model.ipynb #50fdb3a6
-def _check_state(model: nn.Module, state: dict, directory: Path):
+def _check_state(model: nn.Module, state: dict, directory: Path, extra_files: list[str] = ()):
     "Raise a `ModelError` naming the first missing, unexpected or mis-shaped weight."
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    fix = f"the weights in {directory} do not fit its config.json: save model and config together with save_pretrained"
+    described_by = " and ".join(["config.json", *extra_files])
+    fix = f"the weights in {directory} do not fit its {described_by}: save them together with save_pretrained"
     if missing: raise ModelError(f"missing weights {missing[:5]}: {fix}")
     if unexpected: raise ModelError(f"unexpected weights {unexpected[:5]}: {fix}")
     for key, tensor in state.items():
@@ -557,7 +628,7 @@ def _check_state(model: nn.Module, state: dict, directory: Path):
 def _from_pretrained(cls, directory: str | Path, # folder written by `save_pretrained`
                      vocab=None,                  # a `Vocab` (or version string) to check against
                     ) -> "SCFModel":
-    "Load a model saved with `save_pretrained`, in evaluation mode."
+    "Load a model saved with `save_pretrained`, its extensions' parts included, in evaluation mode."
     directory = Path(directory)
     for name in ("config.json", "model.safetensors"):
         if not (directory / name).is_file():
@@ -566,7 +637,8 @@ def _from_pretrained(cls, directory: str | Path, # folder written by `save_pretr
     _check_vocab(config, vocab)
     state = _load_weights(directory / "model.safetensors")
     model = cls(config)
-    _check_state(model, state, directory)
+    extensions = _rebuild_extensions(model, directory)   # e.g. the prior: its placeholders, filled by the weights
+    _check_state(model, state, directory, extensions)
     model.load_state_dict(state)
     return model.eval()
 

@@ -145,7 +145,8 @@ def gene_embeddings(model: nn.Module,      # a pretrained `SCFModel`
         sums.index_add_(0, batch["input_ids"][real], hidden[real])
         counts.index_add_(0, batch["input_ids"][real], torch.ones(int(real.sum())))
     model.train(was_training)
-    fallback = model.embedding.gene.weight.detach().float() if width == model.config.d_model else torch.zeros(len(sums), width)
+    every_token = torch.arange(model.config.vocab_size, device=next(model.parameters()).device)
+    fallback = model.embedding.gene(every_token).float().cpu() if width == model.config.d_model else torch.zeros(len(sums), width)
     contextual = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], fallback)
     return contextual[token_ids].numpy()
 

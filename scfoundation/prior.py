@@ -21,10 +21,10 @@ from anndata import AnnData
 from torch import nn
 
 from .genes import GeneError, Vocab, gene_table, map_genes, SPECIAL_TOKENS
-from .model import ModelConfig, ModelError, SCFModel
+from .model import ModelConfig, ModelError, SCFModel, register_extension
 
 # %% auto #0
-__all__ = ['GENE_SET_SOURCES', 'CHROMOSOMES', 'PRIOR_SOURCES', 'PRIOR_FORMAT', 'HOMOLOGY_COLUMNS', 'PriorError',
+__all__ = ['GENE_SET_SOURCES', 'CHROMOSOMES', 'PRIOR_SOURCES', 'PRIOR_FORMAT', 'PRIOR_FILE', 'HOMOLOGY_COLUMNS', 'PriorError',
            'filter_gene_sets', 'gene_sets', 'gene_set_features', 'coexpression_features', 'chromosome_features',
            'PriorFeatures', 'build_prior_features', 'PriorGeneEmbedding', 'add_prior', 'set_prior_sources',
            'save_prior_model', 'load_prior_model', 'read_homology_table', 'homology_vocab_map',
@@ -364,55 +364,61 @@ def set_prior_sources(model: SCFModel,  # a model with a prior (see `add_prior`)
     return model
 
 # %% ../nbs/13_prior.ipynb #f79c096f
+PRIOR_FILE = "prior.json"
+
+
+def _describe_prior(model: SCFModel) -> dict | None:
+    "The content of `prior.json`: sources, active sources, vector lengths, vocabulary version (None: no prior)."
+    prior = model.embedding.gene
+    if not isinstance(prior, PriorGeneEmbedding): return None
+    return {"format": PRIOR_FORMAT, "sources": list(prior.sources), "active": sorted(prior.active),
+            "dims": prior.dims(), "vocab_version": model.config.vocab_version}
+
+# %% ../nbs/13_prior.ipynb #3a7e23ef
+def _read_prior_header(header, path: Path, vocab_version) -> tuple[tuple, dict, list]:
+    "Sources, vector lengths and active sources of a `prior.json`, checked; PriorError names the fix."
+    fix = f"save the model again with model.save_pretrained(folder), which writes {PRIOR_FILE} beside the weights"
+    if not isinstance(header, dict) or header.get("format") != PRIOR_FORMAT:
+        raise PriorError(f"{path} is not a scfoundation prior header: {fix}.")
+    try:
+        sources = _check_sources(header["sources"])
+        dims = {source: int(header["dims"][source]) for source in sources}
+        active = list(header.get("active", sources))
+        if min(dims.values()) < 0: raise ValueError(f"negative vector lengths in {dims}")
+        if not set(active) <= set(sources): raise ValueError(f"active sources {active} are not all among {list(sources)}")
+    except (KeyError, TypeError, ValueError) as error:
+        raise PriorError(f"{path} is incomplete or inconsistent ({type(error).__name__}: {error}): {fix}.") from None
+    if header.get("vocab_version") != vocab_version:
+        raise PriorError(f"{path} follows vocabulary {header.get('vocab_version')}, its config.json {vocab_version}: "
+                         f"the two files come from different models; {fix}.")
+    return sources, dims, active
+
+
+def _rebuild_prior(model: SCFModel, header: dict, directory: Path):
+    "Wrap a fresh model's gene embedding with zero placeholders of the recorded shapes; the weights then fill them."
+    sources, dims, active = _read_prior_header(header, Path(directory) / PRIOR_FILE, model.config.vocab_version)
+    n_tokens = model.config.vocab_size
+    placeholders = PriorFeatures({source: np.zeros((n_tokens, dims[source]), np.float32) for source in sources},
+                                 {source: np.zeros(n_tokens, bool) for source in sources}, "")
+    model.embedding.gene = PriorGeneEmbedding(model.embedding.gene, placeholders, sources)
+    set_prior_sources(model, active)
+
+
+register_extension(PRIOR_FILE, _describe_prior, _rebuild_prior)
+
+# %% ../nbs/13_prior.ipynb #0480764b
 def save_prior_model(model: SCFModel,  # a model, with or without a prior
                      directory,  # folder to write (created if needed)
                     ) -> Path:
-    "`save_pretrained` plus `prior.json` describing the prior (if any)."
-    directory = model.save_pretrained(directory)
-    prior = model.embedding.gene
-    if isinstance(prior, PriorGeneEmbedding):
-        header = {"format": PRIOR_FORMAT, "sources": list(prior.sources), "active": sorted(prior.active),
-                  "dims": prior.dims(), "vocab_version": model.config.vocab_version}
-        (directory / "prior.json").write_text(json.dumps(header, indent=1) + "\n")
-    elif (directory / "prior.json").exists():
-        (directory / "prior.json").unlink()
-    return directory
-
-# %% ../nbs/13_prior.ipynb #3a7e23ef
-def _placeholder_features(header: dict, vocab_size: int) -> PriorFeatures:
-    dims = header["dims"]
-    return PriorFeatures({s: np.zeros((vocab_size, dims[s]), np.float32) for s in header["sources"]},
-                         {s: np.zeros(vocab_size, bool) for s in header["sources"]}, header.get("vocab_version") or "")
+    "The same as `model.save_pretrained(directory)`, which writes `prior.json` for a model with a prior."
+    return model.save_pretrained(directory)
 
 
-def load_prior_model(directory,  # folder written by `save_prior_model` (or `save_pretrained`)
+def load_prior_model(directory,  # folder written by `save_pretrained` (or `save_prior_model`)
                      vocab=None,  # a `Vocab` (or version) to check against
                     ) -> SCFModel:
-    "Load a model saved with `save_prior_model`, its prior included, in evaluation mode."
-    from safetensors.torch import load_file
-    directory = Path(directory)
-    if not (directory / "prior.json").is_file(): return SCFModel.from_pretrained(directory, vocab=vocab)
-    header = json.loads((directory / "prior.json").read_text())
-    if header.get("format") != PRIOR_FORMAT:
-        raise PriorError(f"{directory / 'prior.json'} is not a scfoundation prior header; save the model again with save_prior_model().")
-    config = ModelConfig.from_json(directory / "config.json")
-    if vocab is not None and config.vocab_version is not None:
-        version = vocab if isinstance(vocab, str) else vocab.version
-        if version != config.vocab_version:
-            raise ModelError(f"vocabulary version {version!r} differs from the model's {config.vocab_version!r}: "
-                             "tokenize with the vocabulary saved with the model")
-    model = SCFModel(config)
-    config_copy = ModelConfig(**{**config.to_dict(), "vocab_version": None})   # skip the version check of placeholders
-    model.config = config_copy
-    add_prior(model, _placeholder_features(header, config.vocab_size), header["sources"])
-    model.config = config
-    state = load_file(str(directory / "model.safetensors"))
-    try: model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ModelError(f"the weights in {directory} do not fit its config.json and prior.json ({str(error)[:200]}); "
-                         "save model and prior together with save_prior_model") from None
-    set_prior_sources(model, header.get("active", header["sources"]))
-    return model.eval()
+    "The same as `SCFModel.from_pretrained(directory, vocab=vocab)`, which rebuilds the prior from `prior.json`."
+    return SCFModel.from_pretrained(directory, vocab=vocab)
 
 # %% ../nbs/13_prior.ipynb #b647775b
 HOMOLOGY_COLUMNS = ("species_gene", "human_gene")

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from .model import ModelConfig, SCFModel, mask_batch
+from .model import ModelConfig, SCFModel, extension_files, extension_headers, mask_batch
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FILES', 'STATE_FORMAT', 'EXACT_RESUME_FIELDS', 'CheckpointError', 'TrainConfig', 'learning_rate',
@@ -291,8 +291,9 @@ def read_checkpoint(path: str | Path, # a `checkpoint-<step>` folder
         raise CheckpointError(f"a weights file in {path} is corrupt or truncated ({type(error).__name__}: {error}). "
                               f"Delete {path} to resume from an earlier checkpoint, or use a new out_dir.") from None
     vocab_json = _read_json(path / "vocab.json", "vocabulary") if (path / "vocab.json").is_file() else None
+    extensions = {name: _read_json(path / name, "model part") for name in extension_files() if (path / name).is_file()}
     return {"path": path, "state": state, "model_config": model_config, "weights": weights,
-            "optimizer_state": optimizer_state, "vocab_json": vocab_json}
+            "optimizer_state": optimizer_state, "vocab_json": vocab_json, "extensions": extensions}
 
 # %% ../nbs/06_pretrain.ipynb #98e590fd
 EXACT_RESUME_FIELDS = ("batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "min_lr_ratio",
@@ -312,6 +313,9 @@ def check_resumable(checkpoint: dict,         # from `read_checkpoint`
     current = model.config.to_dict()
     differ = [key for key, value in checkpoint["model_config"].items() if current.get(key, value) != value]
     if differ: raise CheckpointError(f"{path} holds a different model or vocabulary ({_differences(checkpoint['model_config'], current, differ[:4])}). {fix}")
+    parts, saved_parts = json.loads(json.dumps(extension_headers(model))), checkpoint.get("extensions", {})
+    differ = [name for name in sorted(set(parts) | set(saved_parts)) if parts.get(name) != saved_parts.get(name)]
+    if differ: raise CheckpointError(f"{path} holds a model with other parts ({_differences(saved_parts, parts, differ[:2])}). {fix}")
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     saved = {key: tuple(value.shape) for key, value in checkpoint["weights"].items()}
     if expected != saved:
@@ -337,7 +341,7 @@ def default_tokenizer(adata,                      # counts whose genes are in `v
 
 # %% ../nbs/06_pretrain.ipynb #01354642
 def prepare_training_data(data,          # AnnData / `.h5ad` path of counts, or a `CellDataset`
-                          model_config,  # a ModelConfig, or an SCFModel to train further
+                          model_config,  # a ModelConfig, or an SCFModel (its config is completed the same way)
                           vocab=None,    # a `Vocab`; None: the tokenizer's, or built from the data
                           tokenizer=None, # a tokenizer; None: `default_tokenizer`
                           seed: int = 0, # the dataset's sampling seed
@@ -358,10 +362,11 @@ def prepare_training_data(data,          # AnnData / `.h5ad` path of counts, or 
     vocab = tokenizer.vocab
     if isinstance(model_config, ModelConfig):
         return dataset, vocab, tokenizer, replace(model_config, vocab_size=len(vocab), vocab_version=vocab.version, tokenizer=tokenizer.to_dict())
-    if model_config.config.vocab_size != len(vocab) or model_config.config.vocab_version not in (None, vocab.version):
-        raise ValueError(f"the model was built for a vocabulary of {model_config.config.vocab_size} tokens "
-                         f"(version {model_config.config.vocab_version}), not this one ({len(vocab)}, {vocab.version}): pass the model's vocabulary")
-    return dataset, vocab, tokenizer, model_config.config
+    config = model_config.config
+    if config.vocab_size != len(vocab) or config.vocab_version not in (None, vocab.version):
+        raise ValueError(f"the model was built for a vocabulary of {config.vocab_size} tokens "
+                         f"(version {config.vocab_version}), not this one ({len(vocab)}, {vocab.version}): pass the model's vocabulary")
+    return dataset, vocab, tokenizer, replace(config, vocab_version=vocab.version, tokenizer=config.tokenizer or tokenizer.to_dict())
 
 # %% ../nbs/06_pretrain.ipynb #4744a256
 def resolve_device(name: str, # "auto", "cpu" or "cuda"
@@ -446,7 +451,7 @@ def save_final(out_dir: str | Path,      # the run's folder; writes out_dir/fina
 
 # %% ../nbs/06_pretrain.ipynb #6d737626
 def pretrain(data,                  # AnnData of counts (after `map_genes`), an `.h5ad` path, or a `CellDataset`
-             model_config,          # a ModelConfig (a new model) or an SCFModel to train further
+             model_config,          # a ModelConfig (a new model), or an SCFModel you built (e.g. with a prior) or trained
              train_config: TrainConfig | None = None, # None: `TrainConfig()`
              out_dir: str | Path = "checkpoints/run", # checkpoints: out_dir/checkpoint-<step>; result: out_dir/final
              resume: bool = True,   # continue from the newest checkpoint in out_dir when there is one
@@ -462,6 +467,7 @@ def pretrain(data,                  # AnnData of counts (after `map_genes`), an 
     rank, world_size = setup_distributed(device)
     dataset, vocab, tokenizer, full_config = prepare_training_data(data, model_config, vocab, tokenizer, train_config.seed)
     torch.manual_seed(train_config.seed)
+    if isinstance(model_config, SCFModel): model_config.config = full_config   # it records vocabulary and tokenizer
     model = (model_config if isinstance(model_config, SCFModel) else SCFModel(full_config)).to(device).train()
     optimizer, out_dir = make_optimizer(model, train_config), Path(out_dir)
     start, history = _resume_from(out_dir, resume, model, optimizer, train_config, len(dataset))

@@ -84,6 +84,18 @@ def test_embedding_scores(world):
     with pytest.raises(DataError, match="no embedding"): edge_scores_from_embeddings(table, genes[:1], ["NOPE"])
 
 
+def test_input_embeddings_of_a_model_with_a_prior(world):
+    from scfoundation.prior import add_prior, build_prior_features
+    sim, model, vocab, tokenizer = world
+    prior_model = add_prior(tiny_model(sim)[0], build_prior_features(vocab, sources=("chromosome",)))
+    with torch.no_grad(): prior_model.embedding.gene.projections["chromosome"].weight.normal_()
+    genes = list(sim.var_names[:4])
+    table = input_gene_embeddings(prior_model, vocab, genes)               # no .weight table: the module's output
+    with torch.no_grad(): expected = prior_model.embedding.gene(torch.as_tensor(vocab.ids(genes))).numpy()
+    np.testing.assert_array_equal(table.to_numpy(), expected)
+    assert not np.allclose(table.to_numpy(), input_gene_embeddings(model, vocab, genes).to_numpy())
+
+
 def test_contextual_embeddings_are_means_of_hidden_states(world):
     sim, model, vocab, tokenizer = world
     gene = sim.var_names[0]

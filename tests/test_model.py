@@ -2,12 +2,13 @@
 embeddings, checkpoints and their errors."""
 import json
 import math
+import sys
 
 import pytest
 import torch
 
 from scfoundation.model import (CLS_ID, MASK_ID, MASK_VALUE, PAD_ID, ModelConfig, ModelError, SCFModel,
-                                TokenLayout, count_flops, mask_batch, random_batch)
+                                TokenLayout, count_flops, mask_batch, random_batch, register_extension)
 
 torch.set_num_threads(1)
 KINDS = ("rank", "bins", "continuous")
@@ -294,6 +295,65 @@ def test_save_is_atomic_and_overwrites(tmp_path):
     first.save_pretrained(tmp_path); second.save_pretrained(tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     assert torch.equal(SCFModel.from_pretrained(tmp_path).head.bias, second.head.bias)
+
+
+# ---------------------------------------------------------------- extensions of the pretrained folder
+TOY_MODULE = """
+import torch
+from scfoundation.model import register_extension
+
+def describe(model): return {"width": model.toy_scale.numel()} if hasattr(model, "toy_scale") else None
+def rebuild(model, header, directory): model.toy_scale = torch.nn.Parameter(torch.ones(header["width"]))
+register_extension("toy_scale.json", describe, rebuild)
+"""
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    "The model module with private copies of its extension registries, and an importable toy_scale_module."
+    from scfoundation import model as model_module
+    (tmp_path / "toy_scale_module.py").write_text(TOY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(model_module, "PRETRAINED_EXTENSIONS", dict(model_module.PRETRAINED_EXTENSIONS))
+    monkeypatch.setattr(model_module, "EXTENSION_MODULES", {**model_module.EXTENSION_MODULES, "toy_scale.json": "toy_scale_module"})
+    yield model_module
+    sys.modules.pop("toy_scale_module", None)
+
+
+def test_extension_is_written_and_its_module_imported_on_demand(tmp_path, registry):
+    import toy_scale_module  # noqa: F401  (registers toy_scale.json)
+    model = SCFModel(small())
+    model.toy_scale = torch.nn.Parameter(torch.full((3,), 2.0))
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "toy_scale.json").read_text()) == {"width": 3}
+    del registry.PRETRAINED_EXTENSIONS["toy_scale.json"], sys.modules["toy_scale_module"]   # a fresh process
+    loaded = SCFModel.from_pretrained(tmp_path / "m")
+    assert "toy_scale_module" in sys.modules and loaded.toy_scale.tolist() == [2.0, 2.0, 2.0]
+    SCFModel(small()).save_pretrained(tmp_path / "m")                 # a model without the part
+    assert sorted(path.name for path in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_extension_errors(tmp_path, registry):
+    SCFModel(small()).save_pretrained(tmp_path)
+    registry.EXTENSION_MODULES["missing.json"] = "no_such_module_here"
+    (tmp_path / "missing.json").write_text("{}")
+    with pytest.raises(ModelError, match="no_such_module_here.*install or upgrade"): SCFModel.from_pretrained(tmp_path)
+    registry.EXTENSION_MODULES["missing.json"] = "json"                # imports, registers nothing
+    with pytest.raises(ModelError, match="registered none"): SCFModel.from_pretrained(tmp_path)
+    (tmp_path / "missing.json").unlink()
+    (tmp_path / "toy_scale.json").write_text("{not json")
+    with pytest.raises(ModelError, match="toy_scale.json is not valid JSON"): SCFModel.from_pretrained(tmp_path)
+    for bad in ("config.json", "sub/x.json", "x.txt"):
+        with pytest.raises(ModelError, match="plain"): register_extension(bad, None, None)
+
+
+def test_failing_extension_leaves_the_folder_as_it_was(tmp_path, registry):
+    SCFModel(small()).save_pretrained(tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    def fails(model): raise RuntimeError("cannot describe")
+    register_extension("broken.json", fails, None)
+    with pytest.raises(RuntimeError, match="cannot describe"): SCFModel(small(n_layers=1)).save_pretrained(tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
 
 
 def test_training_reduces_the_loss():

@@ -163,6 +163,30 @@ def test_gene_embeddings_from_a_small_model(screen):
         gene_embeddings(model, renamed, tokenizer)
 
 
+def test_gene_embeddings_of_a_model_with_a_prior(screen):
+    "Genes no sampled cell shows the model fall back on the gene-embedding module's output (a prior has no .weight)."
+    from scfoundation.genes import Vocab
+    from scfoundation.model import ModelConfig, SCFModel
+    from scfoundation.prior import add_prior, build_prior_features
+    from scfoundation.train import default_tokenizer
+    _, adata = screen
+    vocab = Vocab.from_adata(adata)
+    config = ModelConfig(vocab_size=len(vocab), d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=8)  # 7 genes per cell
+    tokenizer = default_tokenizer(adata, vocab, config)
+    torch.manual_seed(0)
+    model = add_prior(SCFModel(config), build_prior_features(vocab, sources=("chromosome",)))
+    with torch.no_grad(): model.embedding.gene.projections["chromosome"].weight.normal_()
+    embedding = gene_embeddings(model, adata, tokenizer, max_cells=20, seed=0)
+    cells = np.sort(np.random.default_rng(0).choice(adata.n_obs, 20, replace=False))
+    from scfoundation.tokenization import CellDataset, collate
+    batch = collate(CellDataset(adata[cells], tokenizer).__getitems__(np.arange(20)))
+    seen = set(batch["input_ids"][batch["attention_mask"]].tolist())
+    unseen = [column for column, token in enumerate(vocab.ids(adata.var_names)) if int(token) not in seen]
+    assert unseen, "every gene was in the sample: lower max_len"
+    with torch.no_grad(): inputs = model.embedding.gene(torch.as_tensor(vocab.ids(adata.var_names[unseen]))).numpy()
+    np.testing.assert_allclose(embedding[unseen], inputs, rtol=1e-6)
+
+
 def test_plot_response_returns_figure():
     import matplotlib
     matplotlib.use("Agg")

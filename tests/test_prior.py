@@ -1,4 +1,10 @@
-"""Tests of scfoundation.prior: prior-knowledge gene vectors, the prior embedding, save/load, homology."""
+"""Tests of scfoundation.prior: prior-knowledge gene vectors, the prior embedding, save/load (also through
+train.pretrain checkpoints), homology."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -246,8 +252,108 @@ def test_load_prior_model_plain_and_corrupt(vocab, features, tmp_path):
     save_prior_model(model, tmp_path / "p")
     header = (tmp_path / "p" / "prior.json").read_text().replace('"KEGG": 4', '"KEGG": 5')
     (tmp_path / "p" / "prior.json").write_text(header)
-    with pytest.raises(ModelError, match="save_prior_model"):
+    with pytest.raises(ModelError, match="config.json and prior.json: save them together with save_pretrained"):
         load_prior_model(tmp_path / "p")
+
+
+def test_plain_from_pretrained_restores_the_prior(vocab, features, tmp_path):
+    model = add_prior(small_model(vocab), features)
+    with torch.no_grad():
+        for projection in model.embedding.gene.projections.values(): projection.weight.normal_()
+    set_prior_sources(model, ["GO:BP", "chromosome"])
+    model.save_pretrained(tmp_path)
+    header = json.loads((tmp_path / "prior.json").read_text())
+    assert header["active"] == ["GO:BP", "chromosome"] and header["dims"]["KEGG"] == 4
+    loaded = SCFModel.from_pretrained(tmp_path, vocab=vocab)
+    assert isinstance(loaded.embedding.gene, PriorGeneEmbedding)
+    assert loaded.embedding.gene.sources == PRIOR_SOURCES and loaded.embedding.gene.active == {"GO:BP", "chromosome"}
+    batch = random_batch(model.config, [7, 3], seed=2)
+    assert torch.equal(loaded.embed(batch), model.embed(batch))
+    small_model(vocab).save_pretrained(tmp_path)                      # a plain model into the same folder
+    assert not (tmp_path / "prior.json").exists()
+    assert not isinstance(SCFModel.from_pretrained(tmp_path).embedding.gene, PriorGeneEmbedding)
+
+
+def test_from_pretrained_imports_the_prior_module_on_demand(vocab, features, tmp_path):
+    add_prior(small_model(vocab), features).save_pretrained(tmp_path)
+    script = ("import sys; from scfoundation.model import SCFModel; assert 'scfoundation.prior' not in sys.modules; "
+              "print(type(SCFModel.from_pretrained(sys.argv[1]).embedding.gene).__name__)")
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "PriorGeneEmbedding"
+
+
+@pytest.mark.parametrize("change, error, words", [
+    ({"format": "other"}, PriorError, "not a scfoundation prior header"),
+    ({"vocab_version": "0000000000000000"}, PriorError, "different models"),
+    ({"active": ["Pfam", "unknown"]}, PriorError, "inconsistent"),
+    ({"sources": ["GO:BP"], "active": ["GO:BP"]}, ModelError, "unexpected weights"),
+])
+def test_bad_prior_json_names_the_fix(vocab, features, tmp_path, change, error, words):
+    add_prior(small_model(vocab), features).save_pretrained(tmp_path)
+    path = tmp_path / "prior.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(error, match=words) as raised:
+        SCFModel.from_pretrained(tmp_path)
+    assert "save_pretrained" in str(raised.value)
+
+
+# --- train.pretrain with a prior -----------------------------------------------------------------
+
+QUICK = dict(steps=6, batch_size=8, lr=3e-3, warmup_steps=2, save_every=2, log_every=1, device="cpu")
+
+
+def pretrained_prior_model(vocab, features, corpus, out_dir, active=("KEGG", "coexpression", "chromosome"), **train):
+    "A tiny prior model, pretrained with train.pretrain (checkpoints every 2 steps); the model and its history."
+    from scfoundation.train import TrainConfig, pretrain
+    model = set_prior_sources(add_prior(small_model(vocab), features), active)
+    history = pretrain(corpus, model, TrainConfig(**QUICK), out_dir, vocab=vocab, progress=False, **train)
+    return model, history
+
+
+def test_pretrain_checkpoints_carry_the_prior(vocab, features, corpus, tmp_path):
+    from scfoundation.tokenization import CellDataset, collate
+    from scfoundation.train import load_pretrained
+    model, history = pretrained_prior_model(vocab, features, corpus, tmp_path / "run")
+    assert len(history) == 6 and (tmp_path / "run" / "checkpoint-6" / "prior.json").is_file()
+    loaded, loaded_vocab, tokenizer = load_pretrained(tmp_path / "run" / "final")
+    gene = loaded.embedding.gene
+    assert isinstance(gene, PriorGeneEmbedding) and gene.sources == PRIOR_SOURCES
+    assert gene.active == {"KEGG", "coexpression", "chromosome"} and loaded_vocab.version == vocab.version
+    assert torch.equal(gene.prior_coexpression, model.embedding.gene.prior_coexpression)
+    batch = collate(CellDataset(corpus[:16], tokenizer).__getitems__(np.arange(16)))
+    assert torch.equal(loaded.embed(batch), model.embed(batch))
+    trained = {name: tensor for name, tensor in model.state_dict().items() if "projections" in name}
+    assert any(tensor.abs().sum() > 0 for tensor in trained.values())   # the projections left zero: they were trained
+
+
+def test_pretrain_resumes_a_prior_model_exactly(vocab, features, corpus, tmp_path):
+    from scfoundation.train import CheckpointError, TrainConfig, pretrain
+    _, whole = pretrained_prior_model(vocab, features, corpus, tmp_path / "whole")
+    pretrained_prior_model(vocab, features, corpus, tmp_path / "cut", stop_after=3)
+    with pytest.raises(CheckpointError, match="prior.json"):           # other active sources: another run
+        pretrained_prior_model(vocab, features, corpus, tmp_path / "cut", active=("KEGG",))
+    with pytest.raises(CheckpointError, match="prior.json"):           # no prior at all
+        pretrain(corpus, small_model(vocab), TrainConfig(**QUICK), tmp_path / "cut", vocab=vocab, progress=False)
+    _, resumed = pretrained_prior_model(vocab, features, corpus, tmp_path / "cut")
+    assert resumed.loss.tolist() == whole.loss.tolist()
+
+
+def test_pretrained_folder_with_a_bad_prior_json(vocab, features, corpus, tmp_path):
+    from scfoundation.train import load_pretrained
+    pretrained_prior_model(vocab, features, corpus, tmp_path / "run")
+    path = tmp_path / "run" / "final" / "prior.json"
+    header = json.loads(path.read_text())
+    path.write_text(json.dumps({**header, "dims": {**header["dims"], "KEGG": 7}}))
+    with pytest.raises(ModelError, match=r"shape mismatch for embedding\.gene\.prior_KEGG.*config\.json and prior\.json"):
+        load_pretrained(tmp_path / "run" / "final")
+    path.write_text(json.dumps(header)[:40])
+    with pytest.raises(ModelError, match="not valid JSON.*save_pretrained"):
+        load_pretrained(tmp_path / "run" / "final")
+    path.write_text(json.dumps({**header, "vocab_version": "0000000000000000"}))
+    with pytest.raises(PriorError, match="different models.*model.save_pretrained"):
+        load_pretrained(tmp_path / "run" / "final")
 
 
 # --- homology ------------------------------------------------------------------------------------
