@@ -370,7 +370,9 @@ PRIOR_FILE = "prior.json"
 def _describe_prior(model: SCFModel) -> dict | None:
     "The content of `prior.json`: sources, active sources, vector lengths, vocabulary version (None: no prior)."
     prior = model.embedding.gene
-    if not isinstance(prior, PriorGeneEmbedding): return None
+    # duck-typed, not isinstance: re-running this notebook (or any tool that executes its cells) defines a
+    # second PriorGeneEmbedding class and re-registers the extension; both classes must still be saved
+    if not (hasattr(prior, "projections") and hasattr(prior, "active")): return None
     return {"format": PRIOR_FORMAT, "sources": list(prior.sources), "active": sorted(prior.active),
             "dims": prior.dims(), "vocab_version": model.config.vocab_version}
 

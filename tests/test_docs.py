@@ -9,7 +9,7 @@ documented function by name. Screenshots of the home page and one chapter go to
 _docs/screenshots/. Without /usr/bin/chromium (tools/setup_browser.sh installs it) the browser
 tests are skipped with that message; with SCF_REQUIRE_BROWSER=1 (CI) they fail instead.
 """
-import functools, http.server, importlib.util, json, os, re, shutil, socket, threading
+import functools, http.server, importlib.util, json, os, re, shutil, socket, subprocess, sys, threading
 from pathlib import Path
 
 import pytest
@@ -155,7 +155,12 @@ def browser_or_skip():
 def site(tmp_path_factory):
     "Build the site from nbs/ and serve it on a free port of 127.0.0.1."
     browser_or_skip()
-    out = build_docs.build_site(out=tmp_path_factory.mktemp("site") / "html")
+    out = tmp_path_factory.mktemp("site") / "html"
+    # its own process, as a teacher runs it: the build executes notebook cells (show_doc, imports), whose
+    # definitions would otherwise replace the package's in this test process (e.g. the prior.json extension)
+    built = subprocess.run([sys.executable, str(ROOT / "tools" / "build_docs.py"), "--out", str(out)],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert built.returncode == 0, built.stderr[-3000:]
     handler = functools.partial(QuietHandler, directory=str(out))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
