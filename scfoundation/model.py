@@ -6,8 +6,8 @@
 __all__ = ['INPUT_KINDS', 'POOLINGS', 'ACTIVATIONS', 'PAD_ID', 'MASK_ID', 'CLS_ID', 'N_SPECIAL', 'MASK_VALUE', 'NAMED_CONFIGS',
            'REQUIRED_KEYS', 'PRETRAINED_EXTENSIONS', 'EXTENSION_MODULES', 'ModelError', 'ModelConfig', 'random_batch',
            'mask_batch', 'AutoDiscretization', 'TokenEmbedding', 'TokenLayout', 'SelfAttention', 'Block', 'Encoder',
-           'encoder_keep', 'masked_loss', 'pool_cells', 'SCFModel', 'count_flops', 'PretrainedExtension',
-           'register_extension', 'extension_files', 'extension_headers']
+           'encoder_keep', 'masked_loss', 'pool_cells', 'SCFModel', 'last_block_at_cls', 'count_flops',
+           'PretrainedExtension', 'register_extension', 'extension_files', 'extension_headers']
 
 # %% ../nbs/05_model.ipynb #b13399a4
 import importlib
@@ -420,7 +420,9 @@ class SCFModel(nn.Module):
             with torch.no_grad(): module.weight[module.padding_idx].zero_()
 
 # %% ../nbs/05_model.ipynb #71c2fd65
-def _encode(self, batch: dict) -> tuple[torch.Tensor, TokenLayout, torch.Tensor, torch.Tensor]:
+def _encode(self, batch: dict,
+            cls_only: bool = False, # True: the encoder output at each cell's `<cls>` only, (B, d) (see `embed`)
+           ) -> tuple[torch.Tensor, TokenLayout, torch.Tensor, torch.Tensor]:
     "Packed encoder output, its layout, the packed embeddings of all real tokens, and the encoder's selection."
     real = batch["attention_mask"]
     embedded = self.embedding(batch, real)                           # (N_real, d)
@@ -428,7 +430,8 @@ def _encode(self, batch: dict) -> tuple[torch.Tensor, TokenLayout, torch.Tensor,
     selected = keep[real] if self.config.asymmetric else None         # (N_real,) bool
     encoder_input = embedded if selected is None else embedded[selected]
     layout = TokenLayout.from_keep(keep)
-    return self.encoder(encoder_input, layout), layout, embedded, selected
+    encoder = self.encoder.at_cls if cls_only else self.encoder
+    return encoder(encoder_input, layout), layout, embedded, selected
 
 def _decode(self, batch: dict, encoded: torch.Tensor, embedded: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     "Asymmetric mode: the decoder over all real tokens, (N_real, decoder_d_model)."
@@ -463,6 +466,31 @@ def _forward(self, batch: dict, # a `collate` batch, optionally through `mask_ba
 _attach(SCFModel, forward=_forward)
 
 # %% ../nbs/05_model.ipynb #06154734
+def last_block_at_cls(block: Block, # the encoder's last block
+                      packed: torch.Tensor, # (N, d) its input, packed tokens
+                      layout: TokenLayout, # their layout
+                     ) -> torch.Tensor: # (B, d) the block's output at each cell's `<cls>`
+    "A block's output at `<cls>` only: keys and values from every token, everything else from `<cls>` alone."
+    attention, d_model = block.attention, packed.shape[-1]
+    heads, head_width = attention.n_heads, d_model // attention.n_heads
+    weight, bias = attention.qkv.weight, attention.qkv.bias                  # rows: query, key, value
+    normed = block.attention_norm(packed)
+    query = F.linear(normed[layout.starts], weight[:d_model], bias[:d_model])           # (B, d)
+    key_value = layout.to_grid(F.linear(normed, weight[d_model:], bias[d_model:]))      # (B, L, 2d)
+    key, value = key_value.view(layout.batch_size, layout.width, 2, heads, head_width).permute(2, 0, 3, 1, 4).unbind(0)
+    attended = F.scaled_dot_product_attention(query.view(layout.batch_size, heads, 1, head_width), key, value,
+                                              attn_mask=layout.key_mask)  # (B, H, 1, d_h)
+    at_cls = packed[layout.starts] + block.dropout(attention.out(attended.reshape(layout.batch_size, d_model)))
+    return at_cls + block.dropout(block.feed_forward(block.feed_forward_norm(at_cls)))
+
+def _encoder_at_cls(self, packed: torch.Tensor, layout: TokenLayout) -> torch.Tensor: # (N, d) -> (B, d)
+    "The encoder's output at each cell's `<cls>`: every block on every token, the last one at `<cls>` only."
+    for block in self.blocks[:-1]: packed = block(packed, layout)
+    return self.norm(last_block_at_cls(self.blocks[-1], packed, layout))
+
+_attach(Encoder, at_cls=_encoder_at_cls)
+
+# %% ../nbs/05_model.ipynb #299623aa
 @torch.inference_mode()
 def _embed(self, batch: dict, # a `collate` batch (masks, if any, are ignored)
           ) -> torch.Tensor:  # (B, d) cell embeddings
@@ -472,6 +500,7 @@ def _embed(self, batch: dict, # a `collate` batch (masks, if any, are ignored)
     try:
         unmasked = {key: value for key, value in batch.items() if key not in ("mask_positions", "labels")}
         _check_batch(unmasked, self.config)
+        if self.config.pooling == "cls": return self._encode(unmasked, cls_only=True)[0].float()
         encoded, layout, _, _ = self._encode(unmasked)
         return pool_cells(encoded, layout, self.config.pooling).float()
     finally:

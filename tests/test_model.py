@@ -194,6 +194,28 @@ def test_padding_invariance(kind, pooling):
     assert torch.allclose(model(alone)["hidden"][0], hidden, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [dict(kind="rank"), dict(kind="bins"), dict(kind="continuous"),
+                                       dict(kind="rank", asymmetric=True), dict(kind="rank", pooling="mean")])
+def test_embed_shortcut_equals_the_full_forward(overrides):
+    "embed() runs the last layer at <cls> only; the embedding is the full forward's, padding and all."
+    torch.manual_seed(0)
+    config = small(**overrides)
+    model = SCFModel(config).eval()
+    batch = random_batch(config, [40, 3, 17, 1], seed=1)
+    with torch.no_grad(): full = model(batch)["cell_embedding"]
+    torch.testing.assert_close(model.embed(batch), full, atol=1e-5, rtol=1e-5)
+
+
+def test_embed_shortcut_in_bf16():
+    torch.manual_seed(0)
+    config = small()
+    model = SCFModel(config).eval()
+    batch = random_batch(config, [60, 12], seed=2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16): full = model(batch)["cell_embedding"].float()
+    with torch.autocast("cpu", dtype=torch.bfloat16): fast = model.embed(batch)
+    torch.testing.assert_close(fast, full, atol=5e-2, rtol=5e-2)
+
+
 def test_embed_keeps_mode_and_needs_no_grad():
     config = small(dropout=0.1)
     model = SCFModel(config).train()
