@@ -491,6 +491,10 @@ def _encoder_at_cls(self, packed: torch.Tensor, layout: TokenLayout) -> torch.Te
 _attach(Encoder, at_cls=_encoder_at_cls)
 
 # %% ../nbs/05_model.ipynb #299623aa
+def _watched(module: nn.Module) -> bool:
+    "True when a forward hook or pre-hook sits on `module` or any module inside it."
+    return any(part._forward_hooks or part._forward_pre_hooks for part in module.modules())
+
 @torch.inference_mode()
 def _embed(self, batch: dict, # a `collate` batch (masks, if any, are ignored)
           ) -> torch.Tensor:  # (B, d) cell embeddings
@@ -500,7 +504,8 @@ def _embed(self, batch: dict, # a `collate` batch (masks, if any, are ignored)
     try:
         unmasked = {key: value for key, value in batch.items() if key not in ("mask_positions", "labels")}
         _check_batch(unmasked, self.config)
-        if self.config.pooling == "cls": return self._encode(unmasked, cls_only=True)[0].float()
+        if self.config.pooling == "cls" and not _watched(self.encoder.blocks[-1]):
+            return self._encode(unmasked, cls_only=True)[0].float()
         encoded, layout, _, _ = self._encode(unmasked)
         return pool_cells(encoded, layout, self.config.pooling).float()
     finally:

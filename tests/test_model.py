@@ -430,3 +430,17 @@ def test_cells_without_genes(kind):
     mixed = mask_batch(random_batch(config, [6, 0]), config, generator=torch.Generator().manual_seed(0))
     assert mixed["mask_positions"][0].any() and not mixed["mask_positions"][1].any()
     assert torch.isfinite(SCFModel(config)(mixed)["loss"])
+
+
+def test_embed_takes_the_full_path_when_the_last_block_is_watched():
+    "A hook on the last block (e.g. an attention recorder) sees every token, and the embedding is unchanged."
+    config = small()
+    model = SCFModel(config).eval()
+    batch = random_batch(config, [30, 9], seed=3)
+    fast = model.embed(batch)
+    rows = []
+    handle = model.encoder.blocks[-1].feed_forward.register_forward_hook(lambda module, inputs, output: rows.append(len(output)))
+    try: watched = model.embed(batch)
+    finally: handle.remove()
+    assert rows == [int(batch["attention_mask"].sum())]
+    torch.testing.assert_close(watched, fast, atol=1e-5, rtol=1e-5)
