@@ -667,7 +667,7 @@ def _global_sums(loss: float, n_masked: int, n_tokens: int, world_size: int) -> 
 
 # %% ../nbs/14_corpus.ipynb #49e1c95b
 def pretrain_corpus(corpus,                # a `Corpus` or its folder (written by `build_corpus`)
-                    model_config,          # a `ModelConfig` (vocabulary and tokenizer are filled in from the corpus)
+                    model_config,          # a `ModelConfig`, or an `SCFModel` you built (e.g. with a prior; not with fsdp)
                     train_config=None,     # a `TrainConfig`; batch_size is global, split over grad_accum and processes
                     out_dir="checkpoints/corpus-run", # checkpoints and final/, as `pretrain`
                     resume: bool = True,   # continue from the newest checkpoint, at the exact next batch
@@ -685,12 +685,18 @@ def pretrain_corpus(corpus,                # a `Corpus` or its folder (written b
     device = resolve_device(train_config.device)
     rank, world_size = setup_distributed(device)
     corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus)
+    given = model_config if isinstance(model_config, SCFModel) else None
+    if given is not None and fsdp:
+        raise CorpusError("fsdp=True gathers the shards into fresh models built from the config, which lack the parts you "
+                          "added (a prior): pass a ModelConfig, or train this model with DDP (fsdp=False).")
+    model_config = given.config if given is not None else model_config
     tokenizer = tokenizer or corpus_tokenizer(corpus, model_config, rank)
     full_config, micro = _complete_config(model_config, tokenizer), train_config.batch_size // train_config.grad_accum
     if micro % world_size: raise CorpusError(f"batch_size // grad_accum = {micro} cells do not split over {world_size} processes: use a multiple of {world_size}.")
     dataset = CorpusDataset(corpus, tokenizer, micro // world_size, train_config.seed, shuffle_buffer, rank, world_size)
     torch.manual_seed(train_config.seed)
-    model, out_dir = SCFModel(full_config).to(device).train(), Path(out_dir)
+    if given is not None: given.config = full_config              # it records the corpus vocabulary and tokenizer
+    model, out_dir = (given or SCFModel(full_config)).to(device).train(), Path(out_dir)
     checkpoint = _resume_checkpoint(out_dir, resume, model, train_config, len(corpus), world_size)
     start, history = (checkpoint["state"]["step"], list(checkpoint["state"]["history"])) if checkpoint else (0, [])
     if checkpoint: model.load_state_dict(checkpoint["weights"]); dataset.load_state_dict(checkpoint["state"]["data"])

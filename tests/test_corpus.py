@@ -235,6 +235,29 @@ def test_pretrain_corpus_resumes_exactly(corpus_dir, tmp_path):
         pretrain_corpus(corpus_dir, config, train, tmp_path / "fsdp", fsdp=True, progress=False)
 
 
+def test_pretrain_corpus_trains_a_prior_model_and_resumes_it(corpus_dir, tmp_path):
+    "A model built by the caller (here with a prior) trains on the corpus; checkpoints and final carry prior.json."
+    from scfoundation.model import SCFModel
+    from scfoundation.prior import add_prior, build_prior_features
+    corpus = Corpus(corpus_dir)
+
+    def prior_model():
+        torch.manual_seed(0)
+        config = ModelConfig(input_kind="bins", **TINY, vocab_size=len(corpus.vocab), vocab_version=corpus.vocab.version)
+        return add_prior(SCFModel(config), build_prior_features(corpus.vocab, sources=("chromosome", "KEGG"), dim=4))
+
+    train = TrainConfig(steps=4, batch_size=8, warmup_steps=1, save_every=2)
+    whole = pretrain_corpus(corpus_dir, prior_model(), train, tmp_path / "whole", progress=False)
+    pretrain_corpus(corpus_dir, prior_model(), train, tmp_path / "split", progress=False, stop_after=2)
+    assert (tmp_path / "split" / "checkpoint-2" / "prior.json").is_file()
+    resumed = pretrain_corpus(corpus_dir, prior_model(), train, tmp_path / "split", progress=False)
+    assert resumed["loss"].tolist() == whole["loss"].tolist()
+    model, vocab, tokenizer = load_pretrained(tmp_path / "split" / "final")
+    assert model.embedding.gene.sources == ("chromosome", "KEGG") and tokenizer.name == "binning"
+    with pytest.raises(CorpusError, match="fsdp=False"):
+        pretrain_corpus(corpus_dir, prior_model(), train, tmp_path / "fsdp", fsdp=True, progress=False)
+
+
 WORKER = """
 import sys
 from scfoundation.corpus import pretrain_corpus
