@@ -156,24 +156,9 @@ def perturbation_command(adata, # cells labelled by perturbation (raw counts)
                          seed: int = 0, # seed of the split and of the head
                         ) -> pd.DataFrame:
     "Held-out perturbations: a head on the model's gene embeddings beside the mean and additive baselines."
-    from scfoundation import perturb
-    observed = perturb.observed_response(adata, perturbation_key=perturbation_key, control=control)
-    simulated = isinstance(adata.uns.get("truth"), dict) and "perturbations" in adata.uns["truth"]
-    truth = perturb.true_response(adata) if simulated else observed
-    split = perturb.split_perturbations(observed.index, seed=seed)
-    train, groups = observed.loc[split.index[split["split"] == "train"]], split.loc[split["split"] == "test", "group"]
-    if groups.empty or train.empty:
-        raise data.DataError(f"{len(observed)} perturbations are too few to hold some out: measure at least 4 singles.")
+    from scfoundation.perturb import perturbation_benchmark
     model, _, tokenizer = _load_run(run)
-    controls = adata[(adata.obs[perturbation_key].astype(str) == control).to_numpy()]
-    embedding = perturb.gene_embeddings(model, controls, tokenizer, seed=seed)
-    tfs = [str(tf) for tf in adata.uns["truth"]["tfs"]] if simulated else None
-    head = perturb.fit_perturbation_model(embedding, train, tfs=tfs, seed=seed)
-    specs = list(groups.index)
-    predictions = {"model: head on gene embeddings": perturb.predict_response(head, specs),
-                   "baseline: mean of training": perturb.mean_baseline(train, specs),
-                   "baseline: additive": perturb.additive_baseline(train, specs)}
-    return perturb.response_scores(predictions, truth, groups)
+    return perturbation_benchmark(model, adata, tokenizer, perturbation_key, control, seed=seed)[0]
 
 # %% ../nbs/15_cli.ipynb #c24a5c48
 def insilico_command(adata, # simulated cells (`scf simulate`)

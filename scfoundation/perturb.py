@@ -22,7 +22,7 @@ from .simulate import PERTURBATION_KINDS, parse_perturbation
 # %% auto #0
 __all__ = ['design_perturbations', 'split_perturbations', 'observed_response', 'true_response', 'mean_baseline',
            'additive_baseline', 'gene_embeddings', 'resolve_perturbation', 'PerturbationHead', 'fit_perturbation_model',
-           'predict_response', 'response_scores', 'plot_response']
+           'predict_response', 'response_scores', 'plot_response', 'perturbation_benchmark']
 
 # %% ../nbs/10_perturb.ipynb #15d3530a
 def design_perturbations(n_tfs: int,             # TFs in the simulation (tf0 … tf{n_tfs-1})
@@ -266,3 +266,27 @@ def plot_response(predictions: dict,   # method name -> DataFrame of predicted c
     axes[0, 0].set_ylabel(f"predicted change\n{spec}")
     fig.tight_layout()
     return fig
+
+# %% ../nbs/10_perturb.ipynb #da7deb0a
+def perturbation_benchmark(model, adata: ad.AnnData, tokenizer, # the model, cells labelled by perturbation (raw counts), its tokenizer
+                           perturbation_key: str = "perturbation", # obs column naming each cell's perturbation
+                           control: str = "control", # the label of unperturbed cells
+                           perturbations=None,       # the specs in the order the split draws from (default: all observed, sorted)
+                           max_cells: int = 300,     # control cells the gene embeddings average over
+                           seed: int = 0,            # seed of the split, the cell sample and the head
+                          ) -> tuple[pd.DataFrame, dict]:
+    "(scores of the head on the model's gene embeddings beside the mean and additive baselines, on held-out perturbations; the predictions)."
+    observed = observed_response(adata, perturbation_key=perturbation_key, control=control)
+    simulated = isinstance(adata.uns.get("truth"), dict) and "perturbations" in adata.uns["truth"]
+    split = split_perturbations(observed.index if perturbations is None else perturbations, seed=seed)
+    train, groups = observed.loc[split.index[split["split"] == "train"]], split.loc[split["split"] == "test", "group"]
+    if groups.empty or train.empty:
+        raise DataError(f"{len(observed)} perturbations are too few to hold some out: measure at least 4 singles.")
+    controls = adata[(adata.obs[perturbation_key].astype(str) == control).to_numpy()]
+    embedding = gene_embeddings(model, controls, tokenizer, max_cells=max_cells, seed=seed)
+    tfs = [str(tf) for tf in adata.uns["truth"]["tfs"]] if simulated else None
+    head, specs = fit_perturbation_model(embedding, train, tfs=tfs, seed=seed), list(groups.index)
+    predictions = {"model: head on gene embeddings": predict_response(head, specs),
+                   "baseline: mean of training": mean_baseline(train, specs),
+                   "baseline: additive": additive_baseline(train, specs)}
+    return response_scores(predictions, true_response(adata) if simulated else observed, groups), predictions
