@@ -5,18 +5,26 @@
 # %% ../nbs/01_data.ipynb #46c2c867
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
+import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata.io import sparse_dataset, write_elem
 
 # %% auto #0
-__all__ = ['DataError', 'available_memory_bytes', 'read_anndata', 'describe_values', 'sum_duplicate_genes', 'prepare_counts',
-           'mito_genes', 'qc_metrics', 'filter_cells', 'plot_qc', 'load_pbmc68k']
+__all__ = ['QC_COLUMNS', 'DataError', 'available_memory_bytes', 'sha256_file', 'read_anndata', 'read_chunks', 'var_names_of',
+           'describe_values', 'row_sums', 'column_indicator', 'sum_duplicate_genes', 'H5adWriter', 'transform_rows',
+           'prepare_counts', 'mito_genes', 'add_obs_columns', 'qc_metrics', 'filter_cells', 'new_figure', 'plot_qc',
+           'load_pbmc68k', 'log_normalise_values', 'log_normalise', 'highly_variable_genes', 'Config']
 
 # %% ../nbs/01_data.ipynb #6e16783f
 class DataError(ValueError):
@@ -31,6 +39,16 @@ def available_memory_bytes() -> int:
                 if line.startswith("MemAvailable:"): return int(line.split()[1]) * 1024
     except OSError: pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def sha256_file(path,                     # any file
+                block_bytes: int = 1 << 20, # bytes read at a time
+               ) -> str:
+    "SHA-256 of a file's bytes, read block by block (memory stays at one block)."
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(block_bytes), b""): digest.update(block)
+    return digest.hexdigest()
 
 
 def _human_bytes(n: float) -> str:
@@ -59,7 +77,7 @@ def _check_h5ad(path: Path, backed: bool, max_dense_bytes: int | None):
 
 # %% ../nbs/01_data.ipynb #b63cea41
 def read_anndata(source, # an AnnData, or a path: `.h5ad`, 10x `.h5`, or a 10x folder with `matrix.mtx(.gz)`
-                 backed: bool = False, # leave X on disk (`.h5ad` only), for data larger than memory
+                 backed: bool | str = False, # leave X on disk (`.h5ad` only), for data larger than memory; "auto": when the file is over a quarter of the free memory
                  max_dense_bytes: int | None = None, # refuse a dense X above this size (default: half the free memory)
                 ) -> ad.AnnData:
     "Read single-cell data into an AnnData without densifying it."
@@ -79,8 +97,45 @@ def read_anndata(source, # an AnnData, or a path: `.h5ad`, 10x `.h5`, or a 10x f
             raise DataError(f"{path} could not be read as a 10x Genomics .h5 file ({e}).") from e
     if path.suffix != ".h5ad":
         raise DataError(f"{path}: unknown format '{path.suffix}'. Pass an .h5ad, a 10x .h5, or a 10x matrix folder.")
+    if backed == "auto": backed = path.stat().st_size > available_memory_bytes() // 4
     _check_h5ad(path, backed, max_dense_bytes)
     return ad.read_h5ad(path, backed="r" if backed else None)
+
+# %% ../nbs/01_data.ipynb #rdchk002
+def _h5_csr(path) -> bool:
+    "True when the .h5ad stores X as a CSR group we can read slice by slice with h5py."
+    with h5py.File(path, "r") as f:
+        return isinstance(f.get("X"), h5py.Group) and f["X"].attrs.get("encoding-type") == "csr_matrix"
+
+
+def read_chunks(source,          # AnnData (in memory or backed), a matrix (sparse, dense, backed), or an `.h5ad` path
+                chunk_size: int = 8192, # cells per chunk: memory is bounded by one chunk
+                start: int = 0, stop: int | None = None, # cell range
+               ):
+    "Yield `(first_cell, csr_chunk)` over the cells, never loading more than one chunk of a file."
+    if isinstance(source, (str, Path)) and _h5_csr(source):
+        with h5py.File(source, "r") as f:
+            group = f["X"]; indptr = group["indptr"][:]; n_vars = int(group.attrs["shape"][1])
+            for first in range(start, len(indptr) - 1 if stop is None else stop, chunk_size):
+                last = min(first + chunk_size, len(indptr) - 1 if stop is None else stop)
+                lo, hi = indptr[first], indptr[last]
+                yield first, sp.csr_matrix((group["data"][lo:hi], group["indices"][lo:hi], indptr[first:last + 1] - lo),
+                                           shape=(last - first, n_vars))
+        return
+    matrix = ad.read_h5ad(source, backed="r").X if isinstance(source, (str, Path)) else \
+        source.X if isinstance(source, ad.AnnData) else source
+    stop = matrix.shape[0] if stop is None else stop
+    for first in range(start, stop, chunk_size):
+        yield first, sp.csr_matrix(matrix[first:min(first + chunk_size, stop)])
+
+
+def var_names_of(source) -> list[str]:
+    "Gene names of an AnnData or `.h5ad` path (reads only `var` from a file)."
+    if isinstance(source, ad.AnnData): return list(source.var_names)
+    if isinstance(source, (str, Path)):
+        backed = ad.read_h5ad(source, backed="r"); names = list(backed.var_names); backed.file.close()
+        return names
+    raise DataError("A bare matrix has no gene names: pass an AnnData or an .h5ad path (or `var_names=`).")
 
 # %% ../nbs/01_data.ipynb #c831da85
 def _sample_rows(X, n_rows: int = 2000):
@@ -173,23 +228,22 @@ def _candidates(adata: ad.AnnData, layer: str | None, use_raw: bool | None):
     if adata.raw is not None and use_raw is None: found.append(("raw.X", adata.raw.X, adata.raw.var))
     return found
 
+# %% ../nbs/01_data.ipynb #rowsum01
+def row_sums(X) -> np.ndarray:
+    "Sum of each row, float64 (CSR matrices without densifying; empty rows are 0)."
+    if not sp.issparse(X): return np.asarray(X, dtype=np.float64).sum(axis=1)
+    X = sp.csr_matrix(X)
+    sums, nonempty = np.zeros(X.shape[0]), np.diff(X.indptr) > 0
+    sums[nonempty] = np.add.reduceat(X.data, X.indptr[:-1][nonempty], dtype=np.float64)
+    return sums
+
 # %% ../nbs/01_data.ipynb #54103a7a
-def _to_csr_chunked(X, chunk_size: int = 10_000) -> sp.csr_matrix:
-    "Any matrix (dense, sparse, backed) → CSR float64, reading `chunk_size` rows at a time."
-    if sp.issparse(X): return sp.csr_matrix(X, dtype=np.float64)
-    def as_csr(block): return sp.csr_matrix(block if sp.issparse(block) else np.asarray(block), dtype=np.float64)
-    blocks = [as_csr(X[i:i + chunk_size]) for i in range(0, X.shape[0], chunk_size)]
-    return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix(X.shape)
-
-
-def _check_matrix(X: sp.csr_matrix, where: str, integer: bool = True):
-    "Full-matrix checks (the kind check only looked at a sample)."
-    if X.shape[0] == 0 or X.shape[1] == 0:
-        raise DataError(f"{where} is empty ({X.shape[0]} cells × {X.shape[1]} genes): nothing to model.")
+def _check_values(X: sp.csr_matrix, where: str, first: int = 0, integer: bool = True):
+    "Checks of every stored value of a block of rows starting at cell `first` (the kind check only looked at a sample)."
     bad = ~np.isfinite(X.data)
     if bad.any():
         rows = np.unique(np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))[bad])
-        raise DataError(f"{where} contains {bad.sum():,} NaN/Inf values in {rows.size:,} cells (first cell index {rows[0]}): "
+        raise DataError(f"{where} contains NaN/Inf values in {rows.size:,} cells (first cell index {first + rows[0]}): "
                         "remove or fix these cells (e.g. adata = adata[mask].copy()); counts cannot be NaN.")
     if X.nnz and X.data.min() < 0:
         raise DataError(f"{where} has negative values (min {X.data.min():.3g}): counts are never negative. "
@@ -197,36 +251,55 @@ def _check_matrix(X: sp.csr_matrix, where: str, integer: bool = True):
     if integer and X.nnz and not np.all(X.data == np.round(X.data)):
         raise DataError(f"{where} has non-integer values beyond the inspected rows: pass a matrix of raw counts.")
 
+
+def _clean_counts(chunk, where: str, info: dict, tolerance: float, first: int) -> sp.csr_matrix:
+    "A block of rows as checked CSR float64 counts, recovered from log1p values when `info` says they are."
+    X = sp.csr_matrix(chunk, dtype=np.float64)
+    if info["kind"] == "log1p":
+        _check_values(X, where, first, integer=False)
+        X, residual = _log1p_recovery(X, tolerance=tolerance)
+        if residual > tolerance:
+            raise DataError(_describe_text(where, info | dict(kind="log-normalised", residual=residual)) +
+                            ": pass the layer or file holding raw counts.")
+    _check_values(X, where, first)
+    return X
+
 # %% ../nbs/01_data.ipynb #29d80bb2
-def _fix_empty_cells(X, obs: pd.DataFrame, where: str, empty_cells: str):
-    "Refuse (or drop, when asked) cells without a single count."
-    totals = np.asarray(X.sum(axis=1)).ravel()
-    empty = totals == 0
-    if not empty.any(): return X, obs
-    if empty_cells == "drop": return X[~empty], obs.loc[~empty]
-    raise DataError(f"{empty.sum():,} of {len(empty):,} cells in {where} have zero counts "
-                    f"(e.g. {list(obs.index[empty][:3])}): drop them with scf.data.filter_cells(adata, min_counts=1) "
-                    "or pass empty_cells='drop'.")
+def _nonempty_cells(X: sp.csr_matrix, names: pd.Index, where: str, empty_cells: str) -> np.ndarray:
+    "Mask of the rows with at least one count; rows without are an error unless `empty_cells='drop'`."
+    keep = row_sums(X) > 0
+    if keep.all() or empty_cells == "drop": return keep
+    raise DataError(f"cells in {where} have zero counts (e.g. {list(names[~keep][:3])}): drop them with "
+                    "scf.data.filter_cells(adata, min_counts=1) or pass empty_cells='drop'.")
 
 # %% ../nbs/01_data.ipynb #44ff79a3
+def column_indicator(columns: np.ndarray, # output column of each input column (-1: dropped)
+                     n_out: int,          # number of output columns
+                     dtype=np.float32,    # of the ones (keep it that of the counts: the product keeps float32)
+                    ) -> sp.csr_matrix:
+    "Sparse 0/1 matrix M with M[i, columns[i]] = 1: `X @ M` drops and sums columns in one sparse product."
+    keep = np.flatnonzero(np.asarray(columns) >= 0)
+    return sp.csr_matrix((np.ones(len(keep), dtype=dtype), (keep, np.asarray(columns)[keep])), shape=(len(columns), n_out))
+
+
 def sum_duplicate_genes(X: sp.csr_matrix, # cells × genes
                         names, # gene names, possibly repeated
                        ) -> tuple[sp.csr_matrix, pd.Index]:
     "Sum the columns of genes that share a name (a sparse product with a 0/1 indicator), first-seen order."
     codes, unique = pd.factorize(pd.Index(names))
-    indicator = sp.csr_matrix((np.ones(len(codes)), (np.arange(len(codes)), codes)), shape=(len(codes), len(unique)))
-    return sp.csr_matrix(X @ indicator), pd.Index(unique)
+    return sp.csr_matrix(X @ column_indicator(codes, len(unique))), pd.Index(unique)
 
 # %% ../nbs/01_data.ipynb #872fa709
-def _resolve_duplicates(X, var: pd.DataFrame, where: str, duplicate_genes: str):
+def _duplicate_plan(var: pd.DataFrame, where: str, duplicate_genes: str) -> tuple[sp.csr_matrix | None, pd.DataFrame]:
+    "(the matrix summing columns that share a gene name, or None when the names are unique; the var of the result)."
     dup = var.index.duplicated(keep=False)
-    if not dup.any(): return X, var
+    if not dup.any(): return None, var
     examples = list(dict.fromkeys(var.index[dup]))[:5]
-    if duplicate_genes == "sum":
-        X, names = sum_duplicate_genes(X, var.index)
-        return X, var[~var.index.duplicated()].reindex(names)
-    raise DataError(f"{where}: {dup.sum():,} columns share {len(set(var.index[dup])):,} gene names (e.g. {examples}). "
-                    "Pass duplicate_genes='sum' to add their counts, or make names unique with adata.var_names_make_unique().")
+    if duplicate_genes != "sum":
+        raise DataError(f"{where}: {dup.sum():,} columns share {len(set(var.index[dup])):,} gene names (e.g. {examples}). "
+                        "Pass duplicate_genes='sum' to add their counts, or make names unique with adata.var_names_make_unique().")
+    codes, unique = pd.factorize(var.index)
+    return column_indicator(codes, len(unique)), var[~var.index.duplicated()].reindex(unique)
 
 # %% ../nbs/01_data.ipynb #ff34641e
 def _pick_counts(adata, layer, use_raw, tolerance):
@@ -242,31 +315,93 @@ def _pick_counts(adata, layer, use_raw, tolerance):
     raise DataError("No raw counts found: " + "; ".join(tried) + f". Fix: {fix}.")
 
 # %% ../nbs/01_data.ipynb #21b6b5e4
+class H5adWriter:
+    "An `.h5ad` written block by block: `append` rows of X, then `close` with obs, var, uns, obsm; it appears whole or not at all."
+    def __init__(self, path,      # the `.h5ad` to write (replaced only when `close` succeeds)
+                 n_vars: int):    # columns of X
+        self.path = Path(path)
+        if self.path.is_dir(): raise DataError(f"{self.path} is a folder: pass the path of the .h5ad file to write.")
+        self.temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.handle = h5py.File(self.temp, "w")
+        self.handle.attrs["encoding-type"], self.handle.attrs["encoding-version"] = "anndata", "0.1.0"
+        write_elem(self.handle, "X", sp.csr_matrix((0, n_vars), dtype=np.float32), dataset_kwargs={"chunks": (1 << 16,)})
+        self.matrix, self.n_rows = sparse_dataset(self.handle["X"]), 0
+
+    def append(self, rows):  # a block of rows (CSR, or anything `sp.csr_matrix` takes)
+        "Append a block of rows to X."
+        if rows.shape[0]: self.matrix.append(sp.csr_matrix(rows, dtype=np.float32)); self.n_rows += rows.shape[0]
+
+    def close(self, obs: pd.DataFrame, var: pd.DataFrame, uns: dict | None = None, obsm: dict | None = None) -> Path:
+        "Write the annotations, then rename the finished file onto `path` (atomic on one file system)."
+        for key, value in {"obs": obs, "var": var, "uns": uns or {}, "obsm": obsm or {}}.items():
+            write_elem(self.handle, key, value)
+        for key in ("varm", "obsp", "varp", "layers"): write_elem(self.handle, key, {})
+        self.handle.close()
+        os.replace(self.temp, self.path)
+        return self.path
+
+    def abort(self):
+        "Close and delete the unfinished file."
+        if self.handle.id.valid: self.handle.close()
+        self.temp.unlink(missing_ok=True)
+
+# %% ../nbs/01_data.ipynb #trows001
+def transform_rows(matrix,                  # the rows to read: X, a layer or raw.X, in memory or backed
+                   function,                # function(first_row, csr_block) -> (new block, mask of the kept rows or None)
+                   obs: pd.DataFrame,       # one row per input row; the kept rows go to the result
+                   var: pd.DataFrame,       # genes of the result (the columns of the new blocks)
+                   uns: dict | None = None, # uns of the result
+                   obsm: dict | None = None, # per-cell arrays that follow the kept rows
+                   out=None,                # None: the result in memory; a path: written there block by block, returned backed
+                   chunk_size: int = 10_000, # rows per block: what memory holds when writing to `out`
+                  ) -> ad.AnnData:
+    "A new AnnData made block of rows by block of rows: in memory, or streamed into an `.h5ad` (then memory holds one block)."
+    writer, blocks, kept = (H5adWriter(out, len(var)) if out is not None else None), [], []
+    try:
+        for first, chunk in read_chunks(matrix, chunk_size):
+            rows, keep = function(first, chunk)
+            kept.append(np.ones(chunk.shape[0], bool) if keep is None else np.asarray(keep, bool))
+            if writer is None: blocks.append(sp.csr_matrix(rows, dtype=np.float32))
+            else: writer.append(rows)
+        keep = np.concatenate(kept) if kept else np.zeros(0, bool)
+        obs, obsm = obs[keep].copy(), {key: value[keep] for key, value in (obsm or {}).items()}
+        if writer is None:
+            X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix((0, len(var)), dtype=np.float32)
+            return ad.AnnData(X, obs=obs, var=var.copy(), uns=dict(uns or {}), obsm=obsm)
+        writer.close(obs, var, uns, obsm)
+    except BaseException:
+        if writer is not None: writer.abort()
+        raise
+    return ad.read_h5ad(out, backed="r")
+
+# %% ../nbs/01_data.ipynb #prep0001
 def prepare_counts(adata, # AnnData (in memory or backed) or a path `read_anndata` accepts
                    layer: str | None = None, # take counts from this layer
                    use_raw: bool | None = None, # True: take `.raw`; False: never; None: try it last
                    duplicate_genes: str = "error", # 'error' or 'sum' the counts of genes sharing a name
                    empty_cells: str = "error", # 'error' or 'drop' cells with zero counts
                    tolerance: float = 0.2, # largest distance to an integer accepted when recovering counts
+                   out=None, # write the result to this `.h5ad` block by block and return it backed (for data larger than memory)
+                   chunk_size: int = 10_000, # cells per block
                   ) -> ad.AnnData:
     "A new AnnData whose X is CSR float32 raw counts (recovered from log1p data when exact)."
     adata = read_anndata(adata)
     where, matrix, var, info = _pick_counts(adata, layer, use_raw, tolerance)
-    X = _to_csr_chunked(matrix)
-    if info["kind"] == "log1p":
-        _check_matrix(X, where, integer=False)
-        X, residual = _log1p_recovery(X, tolerance=tolerance)
-        if residual > tolerance:
-            raise DataError(_describe_text(where, info | dict(kind="log-normalised", residual=residual)) +
-                            ": pass the layer or file holding raw counts.")
-    _check_matrix(X, where)
-    X, var = _resolve_duplicates(X, var.copy(), where, duplicate_genes)
-    X, obs = _fix_empty_cells(X, adata.obs.copy(), where, empty_cells)
-    out = ad.AnnData(X.astype(np.float32), obs=obs, var=var)
-    out.uns["scf_counts"] = dict(source=where, recovered=info["kind"] == "log1p", n_genes_input=int(matrix.shape[1]))
-    return out
+    if 0 in matrix.shape: raise DataError(f"{where} is empty ({matrix.shape[0]} cells × {matrix.shape[1]} genes): nothing to model.")
+    merge, var = _duplicate_plan(var.copy(), where, duplicate_genes)
+    def clean(first, chunk):
+        X = _clean_counts(chunk, where, info, tolerance, first)
+        if merge is not None: X = sp.csr_matrix(X @ merge)
+        keep = _nonempty_cells(X, adata.obs_names[first:first + X.shape[0]], where, empty_cells)
+        return X[keep], keep
+    uns = {"scf_counts": dict(source=where, recovered=info["kind"] == "log1p", n_genes_input=int(matrix.shape[1]))}
+    result = transform_rows(matrix, clean, adata.obs, var, uns, out=out, chunk_size=chunk_size)
+    if out is None: result.uns["scf_counts"]["n_dropped_empty"] = adata.n_obs - result.n_obs
+    return result
 
 # %% ../nbs/01_data.ipynb #cd8c997f
+QC_COLUMNS = ("total_counts", "n_genes_by_counts", "pct_counts_mt")  # scanpy's names
+
 def mito_genes(var: pd.DataFrame) -> np.ndarray:
     "Boolean mask of mitochondrial genes: names starting with MT- (any case) or var['chromosome'] == 'MT'."
     by_name = var.index.str.upper().str.startswith("MT-")
@@ -274,54 +409,85 @@ def mito_genes(var: pd.DataFrame) -> np.ndarray:
     return np.asarray(by_name)
 
 
-def qc_metrics(adata: ad.AnnData, # counts in X (see `prepare_counts`)
+def add_obs_columns(adata: ad.AnnData,     # written in place
+                    columns: pd.DataFrame, # one row per cell, in adata's order
+                    by: str,               # who writes, for the warning
+                   ):
+    "Write `columns` into `adata.obs`; a column already there with other values is replaced with a warning that names it."
+    def same(name):
+        old, new = adata.obs[name].to_numpy(), columns[name].to_numpy()
+        try: return np.allclose(old.astype(float), new.astype(float), equal_nan=True)
+        except (TypeError, ValueError): return bool((old.astype(str) == new.astype(str)).all())
+    replaced = [name for name in columns if name in adata.obs and not same(name)]
+    if replaced:
+        warnings.warn(f"{by} replaced obs columns {replaced}, which held other values: rename them first to keep both.",
+                      UserWarning, stacklevel=3)
+    for name in columns: adata.obs[name] = columns[name].to_numpy()
+
+
+def qc_metrics(adata: ad.AnnData, # counts in X (see `prepare_counts`), in memory or backed
                inplace: bool = True, # write into `adata.obs`, else return a DataFrame
+               chunk_size: int = 10_000, # cells per block read
               ):
-    "Per-cell total_counts, n_genes and pct_mito (percent), vectorised over the sparse matrix."
-    X = sp.csr_matrix(adata.X)
-    total = np.asarray(X.sum(axis=1)).ravel()
-    mito = np.asarray(X[:, mito_genes(adata.var)].sum(axis=1)).ravel()
-    metrics = pd.DataFrame(dict(total_counts=total, n_genes=np.diff(X.indptr),
-                                pct_mito=100 * mito / np.maximum(total, 1)), index=adata.obs_names)
+    "Per-cell total_counts, n_genes_by_counts and pct_counts_mt (percent), scanpy's names, block by block."
+    mito, parts = mito_genes(adata.var), []
+    for _, chunk in read_chunks(adata, chunk_size):
+        total = row_sums(chunk)
+        parts.append(np.column_stack([total, np.asarray((chunk > 0).sum(axis=1)).ravel(),
+                                      100 * row_sums(chunk[:, mito]) / np.maximum(total, 1)]))
+    values = np.concatenate(parts) if parts else np.zeros((0, 3))
+    metrics = pd.DataFrame(values, columns=list(QC_COLUMNS), index=adata.obs_names).astype({"n_genes_by_counts": int})
     if not inplace: return metrics
-    for column in metrics: adata.obs[column] = metrics[column].to_numpy()
+    add_obs_columns(adata, metrics, by="qc_metrics")
 
 # %% ../nbs/01_data.ipynb #a3e5e615
-def filter_cells(adata: ad.AnnData, # counts in X
+def filter_cells(adata: ad.AnnData, # counts in X, in memory or backed
                  min_counts: float = 1, # fewest total counts
                  min_genes: int = 200, # fewest genes detected
                  max_pct_mito: float = 20.0, # largest mitochondrial percentage
                  max_counts: float | None = None, # most total counts (doublets), None = no limit
                  verbose: bool = True, # print what each rule removed
+                 out=None, # write the result to this `.h5ad` block by block and return it backed
+                 chunk_size: int = 10_000, # cells per block
                 ) -> ad.AnnData:
-    "A filtered copy keeping cells that pass every QC rule."
-    metrics = qc_metrics(adata, inplace=False)
+    "A filtered copy keeping cells that pass every QC rule, with the QC metrics in obs."
+    metrics = qc_metrics(adata, inplace=False, chunk_size=chunk_size)
     rules = {f"total_counts < {min_counts}": metrics.total_counts < min_counts,
-             f"n_genes < {min_genes}": metrics.n_genes < min_genes,
-             f"pct_mito > {max_pct_mito}": metrics.pct_mito > max_pct_mito}
+             f"n_genes_by_counts < {min_genes}": metrics.n_genes_by_counts < min_genes,
+             f"pct_counts_mt > {max_pct_mito}": metrics.pct_counts_mt > max_pct_mito}
     if max_counts is not None: rules[f"total_counts > {max_counts}"] = metrics.total_counts > max_counts
-    drop = np.logical_or.reduce([np.asarray(m) for m in rules.values()])
+    keep = ~np.logical_or.reduce([np.asarray(m) for m in rules.values()])
     if verbose:
-        print(", ".join(f"{name}: {int(np.sum(m))}" for name, m in rules.items()) + f" → kept {int((~drop).sum())} of {len(drop)} cells")
-    out = adata[~drop].copy()
-    for column in metrics: out.obs[column] = metrics.loc[~drop, column].to_numpy()
-    return out
+        print(", ".join(f"{name}: {int(np.sum(m))}" for name, m in rules.items()) + f" → kept {int(keep.sum())} of {len(keep)} cells")
+    obs = adata.obs.copy()
+    add_obs_columns(ad.AnnData(obs=obs), metrics, by="filter_cells")
+    select = lambda first, chunk: (chunk[keep[first:first + chunk.shape[0]]], keep[first:first + chunk.shape[0]])
+    return transform_rows(adata.X, select, obs, adata.var, dict(adata.uns), dict(adata.obsm), out=out, chunk_size=chunk_size)
 
 # %% ../nbs/01_data.ipynb #5ba24f7b
+def new_figure(ncols: int = 1, nrows: int = 1, # the grid of axes
+               figsize: tuple = (6, 4),          # inches
+               squeeze: bool = True,             # as matplotlib's `subplots`
+               **subplot_kw):
+    "(figure, axes) that pyplot does not manage: Jupyter shows a returned figure once, a script saves it with `fig.savefig`."
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze, subplot_kw=subplot_kw or None)
+
+
 def plot_qc(adata: ad.AnnData, # with `qc_metrics` in obs (computed if missing)
             min_genes: int | None = None, # draw this threshold
             max_pct_mito: float | None = None, # draw this threshold
            ):
-    "Histograms of the three QC metrics and depth vs genes detected, coloured by mitochondrial %."
-    import matplotlib.pyplot as plt
-    obs = adata.obs if "total_counts" in adata.obs else qc_metrics(adata, inplace=False)
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    for ax, column, label in zip(axes, ["total_counts", "n_genes", "pct_mito"], ["total counts", "genes detected", "% mitochondrial"]):
+    "Histograms of the three QC metrics and depth vs genes detected, coloured by mitochondrial %; returns the figure."
+    obs = adata.obs if set(QC_COLUMNS) <= set(adata.obs) else qc_metrics(adata, inplace=False)
+    fig, axes = new_figure(4, figsize=(16, 3.4))
+    for ax, column, label in zip(axes, QC_COLUMNS, ["total counts", "genes detected", "% mitochondrial"]):
         ax.hist(obs[column], bins=40, color="#4C72B0")
         ax.set(xlabel=label, ylabel="cells")
     if min_genes is not None: axes[1].axvline(min_genes, color="crimson", ls="--")
     if max_pct_mito is not None: axes[2].axvline(max_pct_mito, color="crimson", ls="--")
-    points = axes[3].scatter(obs.total_counts, obs.n_genes, c=obs.pct_mito, s=6, cmap="viridis")
+    points = axes[3].scatter(obs.total_counts, obs.n_genes_by_counts, c=obs.pct_counts_mt, s=6, cmap="viridis")
     axes[3].set(xlabel="total counts", ylabel="genes detected", xscale="log", yscale="log")
     fig.colorbar(points, ax=axes[3], label="% mito")
     fig.tight_layout()
@@ -336,3 +502,79 @@ def load_pbmc68k() -> ad.AnnData:
     adata.obs["cell_type"] = source.obs["bulk_labels"].astype("category").to_numpy()
     adata.uns["scf_counts"]["dataset"] = "scanpy pbmc68k_reduced (Zheng et al. 2017), counts recovered from raw.X"
     return adata
+
+# %% ../nbs/01_data.ipynb #lnorm002
+def log_normalise_values(counts: np.ndarray, # stored counts
+                         totals: np.ndarray, # total counts of each entry's cell
+                         target_sum: float = 1e4, # depth every cell is scaled to
+                        ) -> np.ndarray:
+    "$\\log(1 + 10^4 x / T)$ in float64, entry by entry."
+    return np.log1p(counts / totals * target_sum)
+
+
+def log_normalise(adata: ad.AnnData, # raw counts in X (see `prepare_counts`)
+                  target_sum: float = 1e4, # common depth every cell is scaled to
+                 ) -> sp.csr_matrix:
+    "ln(1 + target_sum · x / total) per cell, as a new CSR float32 matrix; `adata` is not modified."
+    counts = sp.csr_matrix(adata.X)
+    if counts.nnz and counts.data.min() < 0:
+        raise DataError("X holds negative values, so it is not counts: pass raw counts "
+                        "(scfoundation.data.prepare_counts finds or recovers them).")
+    totals = row_sums(counts)
+    if (totals == 0).any():
+        raise DataError(f"{int((totals == 0).sum())} cells have no counts: drop them (data.filter_cells) first.")
+    rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+    values = log_normalise_values(counts.data, totals[rows], target_sum).astype(np.float32)
+    return sp.csr_matrix((values, counts.indices.copy(), counts.indptr.copy()), shape=counts.shape)
+
+# %% ../nbs/01_data.ipynb #hvg00002
+def highly_variable_genes(adata: ad.AnnData, # raw counts in X
+                          n_hvg: int = 500,  # genes to keep (all genes if fewer)
+                         ) -> np.ndarray:
+    "Boolean mask over genes: the `n_hvg` most variable for their mean (scanpy's seurat flavour on log data)."
+    import scanpy as sc
+    if n_hvg >= adata.n_vars: return np.ones(adata.n_vars, dtype=bool)
+    logged = ad.AnnData(log_normalise(adata), var=pd.DataFrame(index=adata.var_names.astype(str)))
+    sc.pp.highly_variable_genes(logged, n_top_genes=n_hvg, flavor="seurat")
+    return logged.var["highly_variable"].to_numpy()
+
+# %% ../nbs/01_data.ipynb #cfg00002
+def _plain(value):
+    "A value read back from JSON or an `.h5ad` as a plain Python value (numpy arrays and scalars converted)."
+    if isinstance(value, np.ndarray): return value.tolist()
+    return value.item() if isinstance(value, np.generic) else value  # (json.dumps calls it only for types it cannot write)
+
+
+class Config:
+    "Settings as a dataclass that goes to JSON and back; unknown keys are an error, not ignored."
+    error: ClassVar[type] = DataError  # the exception raised for bad settings
+
+    def to_dict(self) -> dict:
+        "The settings as plain JSON types (tuples become lists)."
+        return json.loads(json.dumps(dataclasses.asdict(self), default=_plain))
+
+    def to_json(self, path: str | Path | None = None) -> str: # also write the JSON to this file
+        "The settings as JSON text; written to `path` when given."
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None: Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, values: dict): # as `to_dict` wrote it (also after an `.h5ad` round trip)
+        "Rebuild from a dict; a key that is not a field is an error naming the fields."
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise cls.error(f"{cls.__name__} has unknown keys {unknown}: no fields of those names (a typo, or settings "
+                            f"written by a newer scfoundation: upgrade it); the fields are {sorted(known)}")
+        return cls(**{name: _plain(value) for name, value in values.items()})
+
+    @classmethod
+    def from_json(cls, source: str | Path): # JSON text, or the path of a JSON file
+        "Read settings written by `to_json`."
+        text = str(source)
+        if not text.lstrip().startswith("{"): text = Path(source).read_text()
+        try: values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise cls.error(f"{cls.__name__} JSON is not valid JSON ({error}): re-save it with to_json or save_pretrained") from None
+        return cls.from_dict(values)

@@ -14,18 +14,19 @@ import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import anndata
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
 # %% auto #0
-__all__ = ['GENE_TABLE_COLUMNS', 'ID_TYPES', 'MATCH_KINDS', 'SPECIAL_TOKENS', 'PAD_ID', 'MASK_ID', 'CLS_ID', 'VOCAB_FORMAT',
-           'VOCAB_FORMAT_VERSION', 'GeneError', 'gene_table', 'match_gene_ids', 'map_genes', 'coverage_report',
-           'plot_gene_matches', 'Vocab']
+__all__ = ['GENE_TABLE_COLUMNS', 'ID_TYPES', 'MATCH_KINDS', 'SPECIAL_TOKENS', 'PAD_ID', 'MASK_ID', 'CLS_ID', 'N_SPECIAL',
+           'VOCAB_FORMAT', 'VOCAB_FORMAT_VERSION', 'GeneError', 'gene_table', 'match_gene_ids', 'map_genes',
+           'coverage_report', 'plot_gene_matches', 'Vocab']
 
 # %% ../nbs/02_genes.ipynb #86b887f5
-from .data import DataError
+from .data import DataError, column_indicator, new_figure, read_chunks, transform_rows
 
 
 class GeneError(DataError):
@@ -155,14 +156,6 @@ def match_gene_ids(ids: Iterable[str],  # gene identifiers: symbols, aliases, En
     return result[["input_id", "entrez_id", "token", "match"]]
 
 # %% ../nbs/02_genes.ipynb #7cf55f8b
-def _indicator(rows: np.ndarray,  # input column of each mapped gene
-               cols: np.ndarray,  # output column it goes to
-               shape: tuple[int, int],  # (n_input_genes, n_output_genes)
-               dtype) -> sp.csr_matrix:
-    "Sparse 0/1 matrix M with M[row, col] = 1: `X @ M` drops and sums columns."
-    return sp.csr_matrix((np.ones(len(rows), dtype=dtype), (rows, cols)), shape=shape)
-
-
 def _apply(matrix, indicator: sp.csr_matrix):
     "`matrix @ indicator`; sparse input gives CSR, dense gives a dense array."
     if sp.issparse(matrix):
@@ -170,9 +163,11 @@ def _apply(matrix, indicator: sp.csr_matrix):
     return np.asarray(matrix) @ indicator.toarray()
 
 # %% ../nbs/02_genes.ipynb #777012da
-def _column_totals(matrix) -> np.ndarray:
-    "Sum of each column as a flat float64 array."
-    return np.asarray(matrix.sum(axis=0), dtype=np.float64).ravel()
+def _column_totals(matrix, chunk_size: int = 10_000) -> np.ndarray:
+    "Sum of each column as a flat float64 array, block of rows by block (also for a backed matrix)."
+    totals = np.zeros(matrix.shape[1])
+    for _, chunk in read_chunks(matrix, chunk_size): totals += np.asarray(chunk.sum(axis=0), dtype=np.float64).ravel()
+    return totals
 
 
 def _coverage(matches: pd.DataFrame, totals: np.ndarray, n_output: int, id_type: str) -> dict:
@@ -190,13 +185,14 @@ def _coverage(matches: pd.DataFrame, totals: np.ndarray, n_output: int, id_type:
             "unmapped_examples": unmapped.head(10).tolist()}
 
 # %% ../nbs/02_genes.ipynb #eb9f0819
-def _check_adata(adata, id_column: str | None) -> None:
+def _check_adata(adata, id_column: str | None, out) -> None:
     "Raise a GeneError naming the problem if `adata` cannot be mapped."
     if not isinstance(adata, AnnData):
         raise GeneError(f"map_genes needs an AnnData, got {type(adata).__name__}; "
                         "read your data with anndata.read_h5ad or scanpy first.")
-    if adata.isbacked:
-        raise GeneError("map_genes needs the matrix in memory; call adata.to_memory() first.")
+    if adata.isbacked and out is None:
+        raise GeneError("map_genes of a backed AnnData writes its result block by block: pass out='mapped.h5ad' "
+                        "(or call adata.to_memory() first if it fits in memory).")
     if adata.X is None or adata.n_vars == 0:
         raise GeneError("the AnnData has no genes (X is empty); pass the count matrix.")
     if id_column is not None and id_column not in adata.var.columns:
@@ -231,13 +227,15 @@ def _mapped_var(adata: AnnData, matches: pd.DataFrame, mapped: np.ndarray,
     return var
 
 # %% ../nbs/02_genes.ipynb #3712034d
-def map_genes(adata: AnnData,  # counts with genes in columns (not modified)
+def map_genes(adata: AnnData,  # counts with genes in columns, in memory or backed (not modified)
               id_type: str = "auto",  # "auto" (per gene), "symbol", "ensembl" or "entrez"
               copy: bool = True,  # copy obs/obsm/uns; False shares them (still never modified)
               id_column: str | None = None,  # var column holding the ids (default: var_names)
+              out=None,  # write the result to this `.h5ad` block by block and return it backed (needed for backed input)
+              chunk_size: int = 10_000,  # cells per block when writing to `out`
              ) -> AnnData:  # var_names = gene tokens; var["entrez_id", "input_id", "match"]
     "Map genes onto the shipped table: unmapped dropped, duplicates summed, coverage in uns."
-    _check_adata(adata, id_column)
+    _check_adata(adata, id_column, out)
     ids = adata.var_names if id_column is None else adata.var[id_column].astype(str)
     matches = match_gene_ids(ids, id_type=id_type)
     mapped = matches["entrez_id"].notna().to_numpy()
@@ -247,18 +245,19 @@ def map_genes(adata: AnnData,  # counts with genes in columns (not modified)
                         "id_column=...; to force a kind of id, pass id_type=....")
     n_summed = _warn_summed(matches, mapped)
     codes, tokens = pd.factorize(matches.loc[mapped, "token"])
+    columns = np.full(adata.n_vars, -1); columns[mapped] = codes
     dtype = adata.X.dtype if np.issubdtype(adata.X.dtype, np.number) else np.float32
-    indicator = _indicator(np.flatnonzero(mapped), codes, (adata.n_vars, len(tokens)), dtype)
-    coverage = _coverage(matches, _column_totals(adata.X), len(tokens), id_type)
-    coverage["n_summed"] = n_summed
+    indicator = column_indicator(columns, len(tokens), dtype=dtype)
+    coverage = _coverage(matches, _column_totals(adata.X, chunk_size), len(tokens), id_type) | {"n_summed": n_summed}
+    var = _mapped_var(adata, matches, mapped, codes, pd.Index(tokens))
     copier = copy_module.deepcopy if copy else copy_module.copy
-    result = AnnData(X=_apply(adata.X, indicator), obs=adata.obs.copy() if copy else adata.obs,
-                     var=_mapped_var(adata, matches, mapped, codes, pd.Index(tokens)),
-                     uns=copier(dict(adata.uns)), obsm=copier(dict(adata.obsm)),
-                     obsp=copier(dict(adata.obsp)),
-                     layers={name: _apply(layer, indicator) for name, layer in adata.layers.items()})
-    result.uns["scf_gene_coverage"] = coverage
-    return result
+    uns = copier(dict(adata.uns)) | {"scf_gene_coverage": coverage}
+    if out is not None:  # block by block into a file (obs, obsm and uns follow; layers and obsp do not)
+        return transform_rows(adata.X, lambda first, chunk: (chunk @ indicator, None), adata.obs, var, uns,
+                              dict(adata.obsm), out=out, chunk_size=chunk_size)
+    return AnnData(X=_apply(adata.X, indicator), obs=adata.obs.copy() if copy else adata.obs, var=var,
+                   uns=uns, obsm=copier(dict(adata.obsm)), obsp=copier(dict(adata.obsp)),
+                   layers={name: _apply(layer, indicator) for name, layer in adata.layers.items()})
 
 # %% ../nbs/02_genes.ipynb #f9171b24
 def coverage_report(adata: AnnData,  # the output of `map_genes`
@@ -276,21 +275,21 @@ def coverage_report(adata: AnnData,  # the output of `map_genes`
 # %% ../nbs/02_genes.ipynb #c865fa07
 def plot_gene_matches(adata: AnnData,  # the output of `map_genes`
                       ax=None):  # matplotlib axes to draw on (default: a new figure)
-    "Bar chart: how many input genes matched by symbol, alias, Ensembl, Entrez, or not at all."
-    import matplotlib.pyplot as plt
+    "Bar chart: how many input genes matched by symbol, alias, Ensembl, Entrez, or not at all; returns the figure."
     coverage = adata.uns.get("scf_gene_coverage") if isinstance(adata, AnnData) else None
     if coverage is None:
         raise GeneError("no gene coverage found in adata.uns; run map_genes(adata) first.")
     counts = pd.Series({kind: int(coverage["by_match"][kind]) for kind in MATCH_KINDS})
-    if ax is None: _, ax = plt.subplots(figsize=(6, 2.5))
+    if ax is None: _, ax = new_figure(figsize=(6, 2.5))
     ax.barh(counts.index[::-1], counts.to_numpy()[::-1], color="tab:blue")
     ax.set(xlabel="input genes", title=f"{coverage['genes']:.1%} of genes, "
            f"{coverage['counts']:.1%} of counts mapped")
-    return ax
+    return ax.figure
 
 # %% ../nbs/02_genes.ipynb #52c03f93
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>")
-PAD_ID, MASK_ID, CLS_ID = 0, 1, 2
+PAD_ID, MASK_ID, CLS_ID = 0, 1, 2      # the ids of SPECIAL_TOKENS: every tokenizer and model reads these
+N_SPECIAL = len(SPECIAL_TOKENS)
 VOCAB_FORMAT, VOCAB_FORMAT_VERSION = "scfoundation.vocab", 1
 
 
@@ -328,107 +327,7 @@ def _check_medians(medians, n_tokens: int) -> np.ndarray:
     values.setflags(write=False)
     return values
 
-# %% ../nbs/02_genes.ipynb #c40852fa
-def _method_of(cls, kind=None):
-    "Decorator: attach `_name` to `cls` as `name` (a `kind` such as classmethod if given)."
-    def attach(function):
-        name = function.__name__.lstrip("_")
-        function.__name__, function.__qualname__ = name, f"{cls.__name__}.{name}"
-        setattr(cls, name, kind(function) if kind else function)
-        return function
-    return attach
 
-
-class Vocab:
-    "Gene tokens ↔ integer ids: `<pad>`=0, `<mask>`=1, `<cls>`=2, then the genes, in order."
-    def __init__(self,
-                 genes: Sequence[str],  # gene tokens, in id order (ids start at 3)
-                 medians=None):  # optional per-token (or per-gene) medians
-        self.genes = _check_gene_names(genes)
-        self.tokens = SPECIAL_TOKENS + self.genes
-        self.token_to_id = {token: index for index, token in enumerate(self.tokens)}
-        self._index = pd.Index(self.tokens)
-        self.version = _vocab_version(self.tokens)
-        self.medians = None if medians is None else _check_medians(medians, len(self.tokens))
-
-    def __len__(self) -> int: return len(self.tokens)
-
-    def __repr__(self) -> str:
-        medians = ", with medians" if self.medians is not None else ""
-        return f"Vocab({len(self.genes)} genes + {len(SPECIAL_TOKENS)} special tokens, version {self.version}{medians})"
-
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, Vocab): return NotImplemented
-        same_medians = (self.medians is None and other.medians is None) or (
-            self.medians is not None and other.medians is not None
-            and np.array_equal(self.medians, other.medians, equal_nan=True))
-        return self.tokens == other.tokens and same_medians
-
-# %% ../nbs/02_genes.ipynb #6ae05702
-@_method_of(Vocab)
-def _ids(self: Vocab,
-         names: Iterable[str],  # gene tokens (a single string is one name)
-         unknown: str = "error",  # "error": raise on unknown names; "ignore": give them id -1
-        ) -> np.ndarray:  # int64 ids, one per name
-    "Token ids of `names` (vectorised)."
-    if unknown not in ("error", "ignore"):
-        raise GeneError(f"unknown={unknown!r}; use 'error' or 'ignore'.")
-    names = [names] if isinstance(names, str) else list(names)
-    ids = self._index.get_indexer(pd.Index(names, dtype=object)).astype(np.int64)
-    if unknown == "error" and (ids < 0).any():
-        missing = pd.unique(np.asarray(names, dtype=object)[ids < 0])
-        raise GeneError(f"{len(missing)} gene names are not in the vocabulary (e.g. "
-                        f"{list(missing[:5])}); map the data with map_genes() first, or pass "
-                        "unknown='ignore' to get id -1 for them.")
-    return ids
-
-
-@_method_of(Vocab)
-def _names(self: Vocab,
-           ids,  # token ids
-          ) -> list[str]:  # the tokens
-    "Tokens of `ids` (the inverse of `ids`)."
-    ids = np.asarray(ids, dtype=np.int64).ravel()
-    if ((ids < 0) | (ids >= len(self))).any():
-        raise GeneError(f"token ids must be in 0..{len(self) - 1}; got {ids[(ids < 0) | (ids >= len(self))][:5].tolist()}.")
-    return [self.tokens[index] for index in ids]
-
-# %% ../nbs/02_genes.ipynb #d2b94237
-@_method_of(Vocab)
-def _with_medians(self: Vocab,
-                  medians,  # one float per token, or per gene (NaN = not observed)
-                 ) -> Vocab:  # a new vocabulary with the same tokens and version
-    "A copy of this vocabulary carrying `medians`."
-    return type(self)(self.genes, medians=medians)
-
-
-@_method_of(Vocab)
-def _check_compatible(self: Vocab,
-                      version,  # the version a model was trained with (or that Vocab)
-                     ) -> None:
-    "Raise a GeneError unless `version` is this vocabulary's version."
-    expected = version.version if isinstance(version, Vocab) else str(version)
-    if expected != self.version:
-        raise GeneError(f"vocabulary version {self.version} does not match the model's "
-                        f"{expected}: token ids would point at other genes. Use the vocabulary "
-                        "saved with the model (Vocab.load(model_dir / 'vocab.json')).")
-
-# %% ../nbs/02_genes.ipynb #d1b0b83a
-@_method_of(Vocab)
-def _save(self: Vocab,
-          path,  # where to write the JSON file
-         ) -> Path:  # the path written
-    "Write the vocabulary as JSON."
-    medians = None if self.medians is None else [
-        None if np.isnan(value) else float(value) for value in self.medians]
-    content = {"format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
-               "version": self.version, "special_tokens": list(SPECIAL_TOKENS),
-               "tokens": list(self.tokens), "medians": medians}
-    path = Path(path)
-    path.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
-    return path
-
-# %% ../nbs/02_genes.ipynb #02dc2409
 def _read_vocab_json(path: Path) -> dict:
     "The parsed JSON of a vocabulary file, or a GeneError saying what is wrong with it."
     try:
@@ -445,71 +344,135 @@ def _read_vocab_json(path: Path) -> dict:
     return content
 
 
-@_method_of(Vocab, classmethod)
-def _load(cls, path) -> Vocab:
-    "Read a vocabulary written by `Vocab.save`, checking its content hash."
-    content = _read_vocab_json(path)
-    tokens = content.get("tokens")
-    if not isinstance(tokens, list) or tuple(tokens[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-        raise GeneError(f"{path}: 'tokens' must be a list starting with {SPECIAL_TOKENS}; "
-                        "the file is corrupt: save the vocabulary again.")
-    medians = content.get("medians")
-    if medians is not None:
-        medians = np.array([np.nan if value is None else value for value in medians], dtype=np.float32)
-    vocab = cls(tokens[len(SPECIAL_TOKENS):], medians=medians)
-    if vocab.version != content.get("version"):
-        raise GeneError(f"{path}: the tokens do not match the recorded version "
-                        f"{content.get('version')} (the file was edited or is corrupt); "
-                        "save the vocabulary again with Vocab.save().")
-    return vocab
+def _cells_per_gene(adata: AnnData, chunk_size: int = 10_000) -> pd.Series:
+    "Number of cells in which each gene is non-zero, block of rows by block (in memory or backed), indexed by var_names."
+    detected = np.zeros(adata.n_vars, np.int64)
+    for _, chunk in read_chunks(adata, chunk_size): detected += np.asarray((chunk > 0).sum(axis=0)).ravel()
+    return pd.Series(detected, index=adata.var_names)
 
-# %% ../nbs/02_genes.ipynb #a74d3d21
-@_method_of(Vocab, classmethod)
-def _from_genes(cls,
-                names: Iterable[str],  # gene tokens, in id order
-                medians=None) -> Vocab:  # optional per-token (or per-gene) medians
-    "A vocabulary of `names`, in the given order."
-    return cls(list(names), medians=medians)
+# %% ../nbs/02_genes.ipynb #c40852fa
+class Vocab:
+    "Gene tokens ↔ integer ids: `<pad>`=0, `<mask>`=1, `<cls>`=2, then the genes, in order."
+    def __init__(self,
+                 genes: Sequence[str],  # gene tokens, in id order (ids start at 3)
+                 medians=None):  # optional per-token (or per-gene) medians
+        self.genes = _check_gene_names(genes)
+        self.tokens = SPECIAL_TOKENS + self.genes
+        self.token_to_id = {token: index for index, token in enumerate(self.tokens)}
+        self._index = pd.Index(self.tokens)
+        self.version = _vocab_version(self.tokens)
+        self.medians = None if medians is None else _check_medians(medians, len(self.tokens))
 
+    def __len__(self) -> int: return len(self.tokens)
 
-@_method_of(Vocab, classmethod)
-def _from_gene_table(cls, gene_types: Sequence[str] | None = ("protein-coding",),  # None: every gene
-                    ) -> Vocab:
-    "A vocabulary of the shipped table's genes of the given types, in table order."
-    table = _load_gene_table()
-    if gene_types is not None:
-        gene_types = [gene_types] if isinstance(gene_types, str) else list(gene_types)
-        unknown = sorted(set(gene_types) - set(table["gene_type"]))
-        if unknown:
-            raise GeneError(f"gene types {unknown} are not in the table; choose from "
-                            f"{sorted(table['gene_type'].unique())}.")
-        table = table[table["gene_type"].isin(gene_types)]
-    return cls(table["token"].tolist())
+    def __repr__(self) -> str:
+        medians = ", with medians" if self.medians is not None else ""
+        return f"Vocab({len(self.genes)} genes + {N_SPECIAL} special tokens, version {self.version}{medians})"
 
-# %% ../nbs/02_genes.ipynb #f209bfb5
-def _cells_per_gene(adata: AnnData) -> pd.Series:
-    "Number of cells in which each gene is non-zero (vectorised), indexed by var_names."
-    matrix = adata.X
-    detected = (matrix > 0).sum(axis=0) if sp.issparse(matrix) else (np.asarray(matrix) > 0).sum(axis=0)
-    return pd.Series(np.asarray(detected).ravel(), index=adata.var_names)
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Vocab): return NotImplemented
+        same_medians = (self.medians is None and other.medians is None) or (
+            self.medians is not None and other.medians is not None
+            and np.array_equal(self.medians, other.medians, equal_nan=True))
+        return self.tokens == other.tokens and same_medians
 
+    # --- tokens and ids
+    def ids(self, names: Iterable[str],  # gene tokens (a single string is one name)
+            unknown: str = "error",      # "error": raise on unknown names; "ignore": give them id -1
+           ) -> np.ndarray:              # int64 ids, one per name
+        "Token ids of `names` (vectorised)."
+        if unknown not in ("error", "ignore"):
+            raise GeneError(f"unknown={unknown!r}; use 'error' or 'ignore'.")
+        names = [names] if isinstance(names, str) else list(names)
+        ids = self._index.get_indexer(pd.Index(names, dtype=object)).astype(np.int64)
+        if unknown == "error" and (ids < 0).any():
+            missing = pd.unique(np.asarray(names, dtype=object)[ids < 0])
+            raise GeneError(f"{len(missing)} gene names are not in the vocabulary (e.g. "
+                            f"{list(missing[:5])}); map the data with map_genes() first, or pass "
+                            "unknown='ignore' to get id -1 for them.")
+        return ids
 
-@_method_of(Vocab, classmethod)
-def _from_adata(cls, adatas,  # one mapped AnnData (see `map_genes`) or a list of them
-                min_cells: int = 1,  # keep genes detected in at least this many cells overall
-               ) -> Vocab:
-    "A vocabulary of the genes detected in a corpus of mapped AnnData, in table order."
-    adatas = [adatas] if isinstance(adatas, AnnData) else list(adatas)
-    if not adatas or not all(isinstance(adata, AnnData) for adata in adatas):
-        raise GeneError("from_adata needs an AnnData or a non-empty list of AnnData.")
-    if not isinstance(min_cells, (int, np.integer)) or min_cells < 0:
-        raise GeneError(f"min_cells={min_cells!r}; pass a non-negative integer.")
-    table_tokens = _load_gene_table()["token"]
-    for adata in adatas:
-        not_tokens = adata.var_names[~adata.var_names.isin(table_tokens)]
-        if len(not_tokens):
-            raise GeneError(f"var_names are not gene tokens (e.g. {list(not_tokens[:5])}); "
-                            "run map_genes(adata) first and pass its result.")
-    cells = pd.concat([_cells_per_gene(adata) for adata in adatas]).groupby(level=0).sum()
-    kept = set(cells.index[cells >= min_cells])
-    return cls(table_tokens[table_tokens.isin(kept)].tolist())
+    def names(self, ids) -> list[str]:  # token ids -> the tokens
+        "Tokens of `ids` (the inverse of `ids`)."
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        if ((ids < 0) | (ids >= len(self))).any():
+            raise GeneError(f"token ids must be in 0..{len(self) - 1}; got {ids[(ids < 0) | (ids >= len(self))][:5].tolist()}.")
+        return [self.tokens[index] for index in ids]
+
+    # --- medians and versions
+    def with_medians(self, medians) -> "Vocab":  # one float per token, or per gene (NaN = not observed)
+        "A copy of this vocabulary carrying `medians` (same tokens, same version)."
+        return type(self)(self.genes, medians=medians)
+
+    def check_compatible(self, version) -> None:  # the version a model was trained with (or that Vocab)
+        "Raise a GeneError unless `version` is this vocabulary's version."
+        expected = version.version if isinstance(version, Vocab) else str(version)
+        if expected != self.version:
+            raise GeneError(f"vocabulary version {self.version} does not match the model's "
+                            f"{expected}: token ids would point at other genes. Use the vocabulary "
+                            "saved with the model (Vocab.load(model_dir / 'vocab.json')).")
+
+    # --- saving and loading
+    def save(self, path) -> Path:  # where to write the JSON file
+        "Write the vocabulary as JSON; returns the path."
+        medians = None if self.medians is None else [None if np.isnan(value) else float(value) for value in self.medians]
+        content = {"format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
+                   "version": self.version, "special_tokens": list(SPECIAL_TOKENS),
+                   "tokens": list(self.tokens), "medians": medians}
+        path = Path(path)
+        path.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Vocab":
+        "Read a vocabulary written by `Vocab.save`, checking its content hash."
+        content = _read_vocab_json(path)
+        tokens = content.get("tokens")
+        if not isinstance(tokens, list) or tuple(tokens[:N_SPECIAL]) != SPECIAL_TOKENS:
+            raise GeneError(f"{path}: 'tokens' must be a list starting with {SPECIAL_TOKENS}; "
+                            "the file is corrupt: save the vocabulary again.")
+        medians = content.get("medians")
+        if medians is not None: medians = np.array([np.nan if value is None else value for value in medians], dtype=np.float32)
+        vocab = cls(tokens[N_SPECIAL:], medians=medians)
+        if vocab.version != content.get("version"):
+            raise GeneError(f"{path}: the tokens do not match the recorded version {content.get('version')} (the file "
+                            "was edited or is corrupt); save the vocabulary again with Vocab.save().")
+        return vocab
+
+    # --- where the genes come from
+    @classmethod
+    def from_genes(cls, names: Iterable[str], medians=None) -> "Vocab":  # gene tokens in id order; optional medians
+        "A vocabulary of `names`, in the given order."
+        return cls(list(names), medians=medians)
+
+    @classmethod
+    def from_gene_table(cls, gene_types: Sequence[str] | None = ("protein-coding",)) -> "Vocab":  # None: every gene
+        "A vocabulary of the shipped table's genes of the given types, in table order."
+        table = _load_gene_table()
+        if gene_types is not None:
+            gene_types = [gene_types] if isinstance(gene_types, str) else list(gene_types)
+            unknown = sorted(set(gene_types) - set(table["gene_type"]))
+            if unknown:
+                raise GeneError(f"gene types {unknown} are not in the table; choose from {sorted(table['gene_type'].unique())}.")
+            table = table[table["gene_type"].isin(gene_types)]
+        return cls(table["token"].tolist())
+
+    @classmethod
+    def from_adata(cls, adatas,           # one mapped AnnData (see `map_genes`), in memory or backed, or a list of them
+                   min_cells: int = 1,    # keep genes detected in at least this many cells overall
+                  ) -> "Vocab":
+        "A vocabulary of the genes detected in a corpus of mapped AnnData, in table order."
+        adatas = [adatas] if isinstance(adatas, AnnData) else list(adatas)
+        if not adatas or not all(isinstance(adata, AnnData) for adata in adatas):
+            raise GeneError("from_adata needs an AnnData or a non-empty list of AnnData.")
+        if not isinstance(min_cells, (int, np.integer)) or min_cells < 0:
+            raise GeneError(f"min_cells={min_cells!r}; pass a non-negative integer.")
+        table_tokens = _load_gene_table()["token"]
+        for adata in adatas:
+            not_tokens = adata.var_names[~adata.var_names.isin(table_tokens)]
+            if len(not_tokens):
+                raise GeneError(f"var_names are not gene tokens (e.g. {list(not_tokens[:5])}); "
+                                "run map_genes(adata) first and pass its result.")
+        cells = pd.concat([_cells_per_gene(adata) for adata in adatas]).groupby(level=0).sum()
+        kept = set(cells.index[cells >= min_cells])
+        return cls(table_tokens[table_tokens.isin(kept)].tolist())

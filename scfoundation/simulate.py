@@ -15,9 +15,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from anndata.io import sparse_dataset, write_elem
-
-from .data import DataError
+from .data import Config, DataError, H5adWriter, new_figure
 from .genes import gene_table
 
 # %% auto #0
@@ -53,8 +51,9 @@ def _require(condition: bool, message: str):
 
 
 @dataclass
-class SimConfig:
-    "Every knob of the simulator; validated on creation (see `SimulationError`)."
+class SimConfig(Config):
+    "Every knob of the simulator; validated on creation (see `SimulationError`); saved as JSON or in `uns`."
+    error = SimulationError
     n_cells: int = 1000                  # cells to simulate
     n_genes: int = 500                   # genes, drawn from the human protein-coding genes
     n_cell_types: int = 6                # leaves of the lineage tree
@@ -86,79 +85,49 @@ class SimConfig:
         self._check_rates()
         self._check_perturbations()
 
-# %% ../nbs/04_simulate.ipynb #b12f5650
-def _check_sizes(self: SimConfig):
-    for name in ("n_cells", "n_genes", "n_cell_types", "lineage_depth", "n_batches", "n_tfs", "seed"):
-        value = getattr(self, name)
-        _require(isinstance(value, (int, np.integer)) and not isinstance(value, bool),
-                 f"{name}={value!r} must be an integer.")
-    _require(self.n_cells >= 1, f"n_cells={self.n_cells}: simulate at least one cell.")
-    _require(self.n_genes >= 2, f"n_genes={self.n_genes}: simulate at least two genes.")
-    for name in ("n_cell_types", "lineage_depth", "n_batches"):
-        _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1.")
-    _require(0 <= self.n_tfs < self.n_genes,
-             f"n_tfs={self.n_tfs} must be between 0 and n_genes-1={self.n_genes - 1}; lower n_tfs or raise n_genes.")
-    _require(self.seed >= 0, f"seed={self.seed} must be non-negative.")
+    def _check_sizes(self):
+        for name in ("n_cells", "n_genes", "n_cell_types", "lineage_depth", "n_batches", "n_tfs", "seed"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, np.integer)) and not isinstance(value, bool),
+                     f"{name}={value!r} must be an integer.")
+        _require(self.n_cells >= 1, f"n_cells={self.n_cells}: simulate at least one cell.")
+        _require(self.n_genes >= 2, f"n_genes={self.n_genes}: simulate at least two genes.")
+        for name in ("n_cell_types", "lineage_depth", "n_batches"):
+            _require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1.")
+        _require(0 <= self.n_tfs < self.n_genes,
+                 f"n_tfs={self.n_tfs} must be between 0 and n_genes-1={self.n_genes - 1}; lower n_tfs or raise n_genes.")
+        _require(self.seed >= 0, f"seed={self.seed} must be non-negative.")
 
-SimConfig._check_sizes = _check_sizes
+    def _check_rates(self):
+        low, high = self.dispersion_range
+        _require(low > 0 and high >= low, f"dispersion_range={self.dispersion_range}: dispersions must be positive "
+                 "with low <= high (use a small value such as 1e-3 for nearly Poisson genes).")
+        lfc_low, lfc_high = self.program_lfc
+        _require(0 <= lfc_low <= lfc_high, f"program_lfc={self.program_lfc} must satisfy 0 <= low <= high.")
+        for name in ("edge_density", "program_fraction", "trajectory_fraction", "perturbed_fraction"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"{name}={value} must lie in [0, 1].")
+        _require(0 <= self.dropout < 1, f"dropout={self.dropout} must lie in [0, 1).")
+        for name in ("batch_effect_sd", "batch_depth_sd", "library_log_sd", "base_log_sd"):
+            _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} is a standard deviation: use a value >= 0.")
+        _require(0 < self.knockdown_factor < 1, f"knockdown_factor={self.knockdown_factor} must lie in (0, 1).")
+        _require(self.overexpression_factor > 1, f"overexpression_factor={self.overexpression_factor} must exceed 1.")
+        _require(0 < self.knockout_signal < 1, f"knockout_signal={self.knockout_signal} must lie in (0, 1).")
 
-# %% ../nbs/04_simulate.ipynb #0f3f93a0
-def _check_rates(self: SimConfig):
-    low, high = self.dispersion_range
-    _require(low > 0 and high >= low, f"dispersion_range={self.dispersion_range}: dispersions must be positive "
-             "with low <= high (use a small value such as 1e-3 for nearly Poisson genes).")
-    lfc_low, lfc_high = self.program_lfc
-    _require(0 <= lfc_low <= lfc_high, f"program_lfc={self.program_lfc} must satisfy 0 <= low <= high.")
-    for name in ("edge_density", "program_fraction", "trajectory_fraction", "perturbed_fraction"):
-        value = getattr(self, name)
-        _require(0 <= value <= 1, f"{name}={value} must lie in [0, 1].")
-    _require(0 <= self.dropout < 1, f"dropout={self.dropout} must lie in [0, 1).")
-    for name in ("batch_effect_sd", "batch_depth_sd", "library_log_sd", "base_log_sd"):
-        _require(getattr(self, name) >= 0, f"{name}={getattr(self, name)} is a standard deviation: use a value >= 0.")
-    _require(0 < self.knockdown_factor < 1, f"knockdown_factor={self.knockdown_factor} must lie in (0, 1).")
-    _require(self.overexpression_factor > 1, f"overexpression_factor={self.overexpression_factor} must exceed 1.")
-    _require(0 < self.knockout_signal < 1, f"knockout_signal={self.knockout_signal} must lie in (0, 1).")
-
-SimConfig._check_rates = _check_rates
-
-# %% ../nbs/04_simulate.ipynb #ce13c2f2
-def _check_perturbations(self: SimConfig):
-    _require(len(set(self.perturbations)) == len(self.perturbations),
-             f"perturbations {self.perturbations} has duplicates; list each perturbation once.")
-    for spec in self.perturbations:
-        parts = parse_perturbation(spec)
-        _require(len(parts) <= self.n_genes, f"Perturbation {spec!r} perturbs {len(parts)} genes but only "
-                 f"{self.n_genes} are simulated; perturb fewer genes or raise n_genes.")
-        for _, gene in parts:
-            if (match := re.fullmatch(r"tf(\d+)", gene)):
-                _require(int(match[1]) < self.n_tfs, f"Perturbation {spec!r}: {gene} does not exist, "
-                         f"there are n_tfs={self.n_tfs} TFs" + (f" (tf0 … tf{self.n_tfs - 1})." if self.n_tfs else "."))
-            elif (match := re.fullmatch(r"gene(\d+)", gene)):
-                _require(int(match[1]) < self.n_genes, f"Perturbation {spec!r}: {gene} does not exist, "
-                         f"there are n_genes={self.n_genes} genes.")
-
-SimConfig._check_perturbations = _check_perturbations
-
-# %% ../nbs/04_simulate.ipynb #7d255fda
-def _config_to_dict(self: SimConfig) -> dict:
-    "A plain dict (h5ad- and JSON-writable) of this configuration."
-    values = dataclasses.asdict(self)
-    values["perturbations"] = list(self.perturbations)
-    values["program_lfc"], values["dispersion_range"] = list(self.program_lfc), list(self.dispersion_range)
-    return values
-
-
-def _config_from_dict(values: dict) -> SimConfig:
-    "Rebuild a `SimConfig` from `to_dict()` output (also after an `.h5ad` round trip)."
-    fields = {field.name for field in dataclasses.fields(SimConfig)}
-    unknown = set(values) - fields
-    _require(not unknown, f"Unknown SimConfig fields {sorted(unknown)}; remove them.")
-    def plain(value):
-        if isinstance(value, np.ndarray): return tuple(value.tolist())
-        return value.item() if isinstance(value, np.generic) else value
-    return SimConfig(**{name: plain(value) for name, value in values.items()})
-
-SimConfig.to_dict, SimConfig.from_dict = _config_to_dict, staticmethod(_config_from_dict)
+    def _check_perturbations(self):
+        _require(len(set(self.perturbations)) == len(self.perturbations),
+                 f"perturbations {self.perturbations} has duplicates; list each perturbation once.")
+        for spec in self.perturbations:
+            parts = parse_perturbation(spec)
+            _require(len(parts) <= self.n_genes, f"Perturbation {spec!r} perturbs {len(parts)} genes but only "
+                     f"{self.n_genes} are simulated; perturb fewer genes or raise n_genes.")
+            for _, gene in parts:
+                if (match := re.fullmatch(r"tf(\d+)", gene)):
+                    _require(int(match[1]) < self.n_tfs, f"Perturbation {spec!r}: {gene} does not exist, "
+                             f"there are n_tfs={self.n_tfs} TFs" + (f" (tf0 … tf{self.n_tfs - 1})." if self.n_tfs else "."))
+                elif (match := re.fullmatch(r"gene(\d+)", gene)):
+                    _require(int(match[1]) < self.n_genes, f"Perturbation {spec!r}: {gene} does not exist, "
+                             f"there are n_genes={self.n_genes} genes.")
 
 # %% ../nbs/04_simulate.ipynb #3796644e
 def random_perturbations(n: int,               # number of distinct perturbations
@@ -508,40 +477,23 @@ def simulate(config: SimConfig | None = None, # the simulation's parameters (def
     return adata
 
 # %% ../nbs/04_simulate.ipynb #41b1d7d2
-def _open_h5ad(path: Path, n_genes: int):
-    "An h5ad file with an empty, appendable CSR X."
-    import h5py
-    handle = h5py.File(path, "w")
-    handle.attrs["encoding-type"], handle.attrs["encoding-version"] = "anndata", "0.1.0"
-    empty = sp.csr_matrix((0, n_genes), dtype=np.float32)
-    write_elem(handle, "X", empty, dataset_kwargs={"chunks": (1 << 16,)})
-    return handle
-
-
 def simulate_to_h5ad(config: SimConfig,         # the simulation's parameters
-                     path: str | Path,          # output `.h5ad` file (overwritten)
+                     path: str | Path,          # output `.h5ad` file (replaced once complete)
                      chunk_size: int = 16_384,  # cells of counts held in memory before each write
                     ) -> Path:
     "Write `simulate(config)` to `path` with bounded memory; the file reads back identical."
     _require(chunk_size >= 1, f"chunk_size={chunk_size} must be at least 1.")
-    path, pending = Path(path), []
-    handle = _open_h5ad(path, config.n_genes)
+    writer, pending = H5adWriter(path, config.n_genes), []
     try:
-        matrix = sparse_dataset(handle["X"])
         def on_block(counts):
             pending.append(counts)
             if sum(block.shape[0] for block in pending) >= chunk_size:
-                matrix.append(sp.vstack(pending, format="csr", dtype=np.float32)); pending.clear()
+                writer.append(sp.vstack(pending, format="csr", dtype=np.float32)); pending.clear()
         states, world, truth = _run(config, on_block)
-        if pending: matrix.append(sp.vstack(pending, format="csr", dtype=np.float32))
-        for key, value in {"obs": _obs(config, world, states), "var": _var(world),
-                           "uns": {"truth": truth, "sim_config": config.to_dict()}}.items():
-            write_elem(handle, key, value)
-        for key in ("obsm", "varm", "obsp", "varp", "layers"):
-            write_elem(handle, key, {})
-    finally:
-        handle.close()
-    return path
+        if pending: writer.append(sp.vstack(pending, format="csr", dtype=np.float32))
+        return writer.close(_obs(config, world, states), _var(world), {"truth": truth, "sim_config": config.to_dict()})
+    except BaseException:
+        writer.abort(); raise
 
 # %% ../nbs/04_simulate.ipynb #568facb1
 def gene_statistics(adata: ad.AnnData, # counts in X (CSR)
@@ -557,9 +509,8 @@ def gene_statistics(adata: ad.AnnData, # counts in X (CSR)
 def plot_realism(datasets: dict,          # name -> AnnData of counts
                  dispersion: float = 0.3,  # φ of the reference NB curves
                 ):
-    "Mean–variance, zero fraction vs mean, and library sizes of several count datasets, overlaid."
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    "Mean–variance, zero fraction vs mean, and library sizes of several count datasets, overlaid; returns the figure."
+    fig, axes = new_figure(3, figsize=(13, 3.8))
     grid = np.logspace(-3, 2.5, 100)
     for name, adata in datasets.items():
         stats = gene_statistics(adata)

@@ -12,23 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
-import h5py
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .data import DataError
+from .data import DataError, log_normalise_values, read_chunks, row_sums, var_names_of
+from .genes import CLS_ID, MASK_ID, PAD_ID
 
 # %% auto #0
-__all__ = ['PAD_ID', 'MASK_ID', 'CLS_ID', 'TOKENIZERS', 'check_counts', 'row_positions', 'segment_sort', 'float_bits',
-           'hash_uint32', 'TokenizedCells', 'with_cls', 'column_token_ids', 'map_columns', 'check_not_empty',
-           'log_normalise', 'read_chunks', 'var_names_of', 'compute_gene_medians', 'Tokenizer', 'RankValueTokenizer',
-           'quantile_bins', 'count_bins', 'sample_per_row', 'zero_tokens', 'keep_entries', 'concat_per_row',
-           'BinningTokenizer', 'ContinuousTokenizer', 'tokenizer_from_dict', 'CellDataset', 'cells_from_list',
-           'collate', 'iter_tokenized']
-
-# %% ../nbs/03_tokenize.ipynb #9c90a48b
-PAD_ID, MASK_ID, CLS_ID = 0, 1, 2  # the special tokens every `Vocab` starts with
+__all__ = ['TOKENIZERS', 'check_counts', 'row_positions', 'segment_sort', 'float_bits', 'hash_uint32', 'TokenizedCells',
+           'with_cls', 'column_token_ids', 'map_columns', 'check_not_empty', 'compute_gene_medians', 'Tokenizer',
+           'RankValueTokenizer', 'quantile_bins', 'count_bins', 'sample_per_row', 'zero_tokens', 'keep_entries',
+           'concat_per_row', 'BinningTokenizer', 'ContinuousTokenizer', 'tokenizer_for', 'tokenizer_from_dict',
+           'CellDataset', 'cells_from_list', 'collate', 'iter_tokenized']
 
 # %% ../nbs/03_tokenize.ipynb #dfc63c50
 def check_counts(data: np.ndarray, # the stored (non-zero) values of a counts matrix
@@ -105,10 +101,18 @@ class TokenizedCells:
     values: np.ndarray | None = None       # (n_tokens,) float32 log-normalised values (continuous only)
     expressed: np.ndarray | None = None    # (n_tokens,) bool, True for expressed genes (continuous only)
     depth: np.ndarray | None = None        # (n_cells, 2) float32 log10 of T and S (continuous only)
+    cell_ids: np.ndarray | None = None     # (n_cells,) int64 index of each cell in its dataset (seeds per-cell draws)
+
+    PER_TOKEN = ("input_ids", "value_ids", "values", "expressed")
+    PER_CELL = ("depth", "cell_ids")
 
     def __len__(self): return len(self.offsets) - 1
     @property
     def lengths(self) -> np.ndarray: return np.diff(self.offsets)
+
+    def __getitem__(self, index):
+        raise TypeError("TokenizedCells is a whole tokenized batch, not a list of cells: a DataLoader over a CellDataset "
+                        "needs collate_fn=scfoundation.tokenization.collate (use .cell(i) for one cell's arrays).")
 
     @classmethod
     def concat(cls, parts: list) -> "TokenizedCells":
@@ -117,16 +121,15 @@ class TokenizedCells:
         ends = np.cumsum([part.offsets[-1] for part in parts])[:-1]
         offsets = np.concatenate([parts[0].offsets] + [part.offsets[1:] + end for part, end in zip(parts[1:], ends)])
         joined = {key: None if getattr(parts[0], key) is None else np.concatenate([getattr(part, key) for part in parts])
-                  for key in ("input_ids", "value_ids", "values", "expressed", "depth")}
+                  for key in cls.PER_TOKEN + cls.PER_CELL}
         return cls(offsets, **joined)
 
     def cell(self, i: int) -> dict:
         "The arrays of cell `i` (what `CellDataset[i]` returns)."
         span = slice(self.offsets[i], self.offsets[i + 1])
-        out = {"input_ids": self.input_ids[span]}
-        for key in ("value_ids", "values", "expressed"):
-            if getattr(self, key) is not None: out[key] = getattr(self, key)[span]
+        out = {key: getattr(self, key)[span] for key in self.PER_TOKEN if getattr(self, key) is not None}
         if self.depth is not None: out["depth"] = self.depth[i]
+        if self.cell_ids is not None: out["cell_id"] = self.cell_ids[i]
         return out
 
 # %% ../nbs/03_tokenize.ipynb #ee1e0d27
@@ -166,9 +169,7 @@ def map_columns(counts: sp.csr_matrix,   # cells × source genes, raw counts
     "Re-index columns by token id (sorted within each cell), drop unknown genes; also return each cell's total counts."
     counts = counts if isinstance(counts, (sp.csr_matrix, sp.csr_array)) else sp.csr_matrix(counts)
     check_counts(counts.data)
-    lengths = np.diff(counts.indptr)
-    totals = np.zeros(counts.shape[0])  # observed depth, over all columns
-    totals[lengths > 0] = np.add.reduceat(counts.data, counts.indptr[:-1][lengths > 0], dtype=np.float64)
+    lengths, totals = np.diff(counts.indptr), row_sums(counts)  # observed depth, over all columns
     tokens = token_ids[counts.indices]
     keep = (tokens >= 0) & (counts.data > 0)
     if keep.all(): data, indptr = counts.data.copy(), counts.indptr  # a copy: sort_indices below must not reorder the caller's matrix
@@ -191,56 +192,11 @@ def check_not_empty(mapped: sp.csr_matrix, # output of `map_columns`
                         "remove empty cells (e.g. `scfoundation.data.filter_cells(adata, min_genes=...)`) "
                         "or check that the gene names match the vocabulary.")
 
-# %% ../nbs/03_tokenize.ipynb #15118df7
-def log_normalise(counts: np.ndarray, # stored counts
-                  totals: np.ndarray, # total counts of each entry's cell
-                  target_sum: float = 1e4, # depth every cell is scaled to
-                 ) -> np.ndarray:
-    "$\\log(1 + 10^4 x / T)$ in float64: the same expression in the vectorised and the per-cell code."
-    return np.log1p(counts / totals * target_sum)
-
-# %% ../nbs/03_tokenize.ipynb #a0a223a6
-def _h5_csr(path) -> bool:
-    "True when the .h5ad stores X as a CSR group we can read slice by slice with h5py."
-    with h5py.File(path, "r") as f:
-        return isinstance(f.get("X"), h5py.Group) and f["X"].attrs.get("encoding-type") == "csr_matrix"
-
-def read_chunks(source,          # AnnData (in memory or backed), a CSR matrix, or an `.h5ad` path
-                chunk_size: int = 8192, # cells per chunk: memory is bounded by one chunk
-                start: int = 0, stop: int | None = None, # cell range
-               ):
-    "Yield `(first_cell, csr_chunk)` over the cells, never loading more than one chunk of a file."
-    if isinstance(source, (str, Path)) and _h5_csr(source):
-        with h5py.File(source, "r") as f:
-            group = f["X"]; indptr = group["indptr"][:]; n_vars = int(group.attrs["shape"][1])
-            for first in range(start, len(indptr) - 1 if stop is None else stop, chunk_size):
-                last = min(first + chunk_size, len(indptr) - 1 if stop is None else stop)
-                lo, hi = indptr[first], indptr[last]
-                yield first, sp.csr_matrix((group["data"][lo:hi], group["indices"][lo:hi], indptr[first:last + 1] - lo),
-                                           shape=(last - first, n_vars))
-        return
-    matrix = ad.read_h5ad(source, backed="r").X if isinstance(source, (str, Path)) else \
-        source.X if isinstance(source, ad.AnnData) else source
-    stop = matrix.shape[0] if stop is None else stop
-    for first in range(start, stop, chunk_size):
-        yield first, sp.csr_matrix(matrix[first:min(first + chunk_size, stop)])
-
-def var_names_of(source) -> list[str]:
-    "Gene names of an AnnData or `.h5ad` path (reads only `var` from a file)."
-    if isinstance(source, ad.AnnData): return list(source.var_names)
-    if isinstance(source, (str, Path)):
-        backed = ad.read_h5ad(source, backed="r"); names = list(backed.var_names); backed.file.close()
-        return names
-    raise DataError("A bare matrix has no gene names: pass an AnnData or an .h5ad path (or `var_names=`).")
-
 # %% ../nbs/03_tokenize.ipynb #4a56e9ca
 def _normalised_entries(chunk: sp.csr_matrix, target_sum: float) -> np.ndarray:
     "$10^4 x / T$ for every stored entry (T: the cell's total over all genes)."
     check_counts(chunk.data, "the corpus")
-    lengths = np.diff(chunk.indptr)
-    totals = np.zeros(chunk.shape[0])
-    totals[lengths > 0] = np.add.reduceat(chunk.data, chunk.indptr[:-1][lengths > 0], dtype=np.float64)
-    return chunk.data / np.repeat(totals, lengths) * target_sum
+    return chunk.data / np.repeat(row_sums(chunk), np.diff(chunk.indptr)) * target_sum
 
 def _histogram_medians(histogram: np.ndarray, low: float, bins_per_decade: int) -> np.ndarray:
     "Median of each row of a log10-binned histogram: the two middle values (as `np.median`), each placed inside its bin."
@@ -294,7 +250,8 @@ def compute_gene_medians(source,                  # AnnData, CSR matrix, or `.h5
 # %% ../nbs/03_tokenize.ipynb #abf987a5
 class Tokenizer:
     "What the three schemes share: a vocabulary, a maximum length, a JSON config, mapping genes to tokens."
-    name = "base"
+    name = "base"          # the model's `input_kind` this scheme feeds (see `TOKENIZERS`)
+    needs_medians = False  # True when the vocabulary must carry gene medians
     def __init__(self, vocab, # a `scfoundation.genes.Vocab`
                  max_length: int = 2048, # tokens per cell, `<cls>` included
                 ):
@@ -311,6 +268,10 @@ class Tokenizer:
         if config.get("name") != cls.name: raise DataError(f"config is for tokenizer {config.get('name')!r}, not {cls.name!r}.")
         vocab.check_compatible(config["vocab_version"])
         return cls(vocab, **{k: v for k, v in config.items() if k not in ("name", "vocab_version")})
+    @classmethod
+    def for_model(cls, vocab, max_length: int, n_bins: int = 51):
+        "Built from a model's settings (its `max_len` and `n_bins`); schemes that need more override this."
+        return cls(vocab, max_length=max_length)
     def __repr__(self): return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items())})"
 
     def tokenize(self, counts,                   # cells × genes raw counts (CSR, or anything `sp.csr_matrix` takes)
@@ -325,7 +286,7 @@ class Tokenizer:
         if counts.shape[1] != len(token_ids):
             raise DataError(f"The matrix has {counts.shape[1]:,} genes but token_ids has {len(token_ids):,}: "
                             "build token_ids from the same var_names with `column_token_ids(vocab, adata.var_names)`.")
-        cell_ids = np.arange(counts.shape[0]) if cell_ids is None else np.asarray(cell_ids)
+        cell_ids = np.arange(counts.shape[0]) if cell_ids is None else np.asarray(cell_ids, dtype=np.int64)
         panel, parts = np.unique(token_ids[token_ids >= 0]), []
         for first in range(0, counts.shape[0], block_cells):  # a loop over blocks, not cells
             last = min(first + block_cells, counts.shape[0]); lo, hi = counts.indptr[first], counts.indptr[last]
@@ -333,7 +294,9 @@ class Tokenizer:
                                   shape=(last - first, counts.shape[1]))
             mapped, totals = map_columns(block, token_ids, len(self.vocab))
             parts.append(self._tokenize(mapped, totals, cell_ids[first:last], panel, seed))
-        return TokenizedCells.concat(parts)
+        cells = TokenizedCells.concat(parts)
+        cells.cell_ids = cell_ids
+        return cells
 
     def tokenize_adata(self, adata: ad.AnnData, # counts in X, gene names in var_names
                        seed: int = 0) -> TokenizedCells:
@@ -355,7 +318,7 @@ class Tokenizer:
 # %% ../nbs/03_tokenize.ipynb #2daa5dee
 class RankValueTokenizer(Tokenizer):
     "Geneformer / GeneCompass: genes ranked by expression relative to their corpus median, highest first."
-    name = "rank_value"
+    name, needs_medians = "rank", True
     def __init__(self, vocab, # a `Vocab` with medians (`vocab.with_medians(compute_gene_medians(...))`)
                  max_length: int = 2048, # tokens per cell, `<cls>` included; lower-ranked genes are cut
                 ):
@@ -406,9 +369,9 @@ def count_bins(indptr: np.ndarray,  # CSR row pointer (no empty row)
                counts: np.ndarray,  # integer counts (any order within a row)
                totals: np.ndarray,  # total counts T of each row
                n_bins: int,         # B, as in `quantile_bins`
-               target_sum: float = 1e4, # as in `log_normalise`
+               target_sum: float = 1e4, # as in `log_normalise_values`
               ) -> np.ndarray:
-    "`np.digitize` bin (1..B-1) of each entry among its row's quantiles of `log_normalise` values, via count histograms."
+    "`np.digitize` bin (1..B-1) of each entry among its row's quantiles of `log_normalise_values`, via count histograms."
     lengths, counts = np.diff(indptr), counts.astype(np.int64)
     n_rows, width = len(lengths), int(counts.max()) + 1
     rows = np.repeat(np.arange(n_rows), lengths)
@@ -422,7 +385,7 @@ def count_bins(indptr: np.ndarray,  # CSR row pointer (no empty row)
     prev = prev.astype(np.int64); above = virtual >= (lengths[:, None] - 1)
     prev = np.where(above, lengths[:, None] - 1, prev); nxt = np.where(above, prev, prev + 1)
     count_low, count_high = count_at(prev), count_at(nxt)
-    low, high = log_normalise(count_low, totals[:, None], target_sum), log_normalise(count_high, totals[:, None], target_sum)
+    low, high = log_normalise_values(count_low, totals[:, None], target_sum), log_normalise_values(count_high, totals[:, None], target_sum)
     diff = high - low
     edges = np.where(gamma >= 0.5, high - diff * (1 - gamma), low + diff * gamma)  # numpy's `_lerp`
     threshold = np.where(edges <= low, count_low, count_high)  # smallest count whose value is >= the edge
@@ -515,7 +478,7 @@ def concat_per_row(first_lengths: np.ndarray,  # per row, how many items come fr
 # %% ../nbs/03_tokenize.ipynb #b86d54e5
 class BinningTokenizer(Tokenizer):
     "scGPT: each expressed gene's log-normalised value replaced by its quantile bin within the cell."
-    name = "binning"
+    name = "bins"
     def __init__(self, vocab, # a `Vocab`
                  max_length: int = 1200, # tokens per cell, `<cls>` included; extra expressed genes are sampled
                  n_bins: int = 51,       # value tokens: 1 = zero expression, 2..n_bins = the n_bins - 1 quantile bins
@@ -525,6 +488,9 @@ class BinningTokenizer(Tokenizer):
         super().__init__(vocab, max_length)
         if int(n_bins) < 3: raise DataError(f"n_bins={n_bins}: need at least 3 (zero, and two bins for expressed genes).")
         self.n_bins, self.target_sum, self.include_zeros = int(n_bins), float(target_sum), bool(include_zeros)
+
+    @classmethod
+    def for_model(cls, vocab, max_length: int, n_bins: int = 51): return cls(vocab, max_length=max_length, n_bins=n_bins)
 
     @property
     def n_value_tokens(self) -> int: return self.n_bins + 1  # 0 is padding / `<cls>`
@@ -536,7 +502,7 @@ class BinningTokenizer(Tokenizer):
         if mapped.data.max() < self.histogram_max_count:
             return count_bins(mapped.indptr, mapped.data, totals, self.n_bins, self.target_sum)
         rows, position = row_positions(mapped.indptr)
-        values = log_normalise(mapped.data, totals[rows], self.target_sum)
+        values = log_normalise_values(mapped.data, totals[rows], self.target_sum)
         order = mapped.indptr[:-1][rows] + segment_sort(mapped.indptr, mapped.data.astype(np.uint32), position)  # counts sort like values
         bins = np.empty(len(values), np.int64)
         bins[order] = quantile_bins(mapped.indptr, values[order], self.n_bins)
@@ -568,7 +534,7 @@ class ContinuousTokenizer(Tokenizer):
     def _tokenize(self, mapped, totals, cell_ids, panel, seed):
         check_not_empty(mapped, cell_ids)
         rows, _ = row_positions(mapped.indptr)
-        values = log_normalise(mapped.data, totals[rows], self.target_sum).astype(np.float32)
+        values = log_normalise_values(mapped.data, totals[rows], self.target_sum).astype(np.float32)
         keep = sample_per_row(mapped.indptr, mapped.indices, cell_ids, self.max_length - 1, seed)
         cells = self._assemble(mapped, keep, cell_ids, panel, seed, self.include_zeros,
                                values=(values, 0.0), expressed=(np.ones(len(values), bool), False))
@@ -577,7 +543,23 @@ class ContinuousTokenizer(Tokenizer):
         return cells
 
 # %% ../nbs/03_tokenize.ipynb #e6a810b6
-TOKENIZERS = {cls.name: cls for cls in (RankValueTokenizer, BinningTokenizer, ContinuousTokenizer)}
+TOKENIZERS = {cls.name: cls for cls in (RankValueTokenizer, BinningTokenizer, ContinuousTokenizer)}  # input kind -> tokenizer
+
+def tokenizer_for(kind: str,              # a model's `input_kind`: a key of `TOKENIZERS`
+                  vocab,                  # the vocabulary
+                  max_length: int,        # tokens per cell, `<cls>` included (the model's `max_len`)
+                  n_bins: int = 51,       # the model's `n_bins` (binning)
+                  gene_medians=None,      # gene_medians() -> per-token medians, called only when the scheme needs them and `vocab` has none
+                 ) -> Tokenizer:
+    "The tokenizer of an input kind, built with a model's settings."
+    if kind not in TOKENIZERS: raise DataError(f"input kind {kind!r} has no tokenizer; known: {sorted(TOKENIZERS)}.")
+    scheme = TOKENIZERS[kind]
+    if scheme.needs_medians and vocab.medians is None:
+        if gene_medians is None:
+            raise DataError(f"{scheme.__name__} needs gene medians and the vocabulary has none: pass gene_medians= "
+                            "(e.g. lambda: compute_gene_medians(adata, vocab)) or a vocabulary with medians.")
+        vocab = vocab.with_medians(gene_medians())
+    return scheme.for_model(vocab, max_length=max_length, n_bins=n_bins)
 
 def tokenizer_from_dict(config: dict, # output of `tokenizer.to_dict()`
                         vocab,        # the vocabulary it was made with
@@ -635,10 +617,10 @@ def cells_from_list(items: list[dict]) -> TokenizedCells:
     "Join per-cell dicts (`CellDataset[i]`) into one `TokenizedCells`."
     if not items: raise DataError("collate got an empty batch.")
     lengths = np.array([len(item["input_ids"]) for item in items])
-    joined = {key: np.concatenate([item[key] for item in items]) for key in ("input_ids", "value_ids", "values", "expressed")
-              if key in items[0]}
+    joined = {key: np.concatenate([item[key] for item in items]) for key in TokenizedCells.PER_TOKEN if key in items[0]}
     depth = np.stack([item["depth"] for item in items]) if "depth" in items[0] else None
-    return TokenizedCells(np.concatenate([[0], np.cumsum(lengths)]), depth=depth, **joined)
+    cell_ids = np.array([item["cell_id"] for item in items], np.int64) if "cell_id" in items[0] else None
+    return TokenizedCells(np.concatenate([[0], np.cumsum(lengths)]), depth=depth, cell_ids=cell_ids, **joined)
 
 def collate(batch: TokenizedCells | list[dict], # `CellDataset.__getitems__` output, or a list of `CellDataset[i]`
            ) -> dict[str, torch.Tensor]:
@@ -654,6 +636,7 @@ def collate(batch: TokenizedCells | list[dict], # `CellDataset.__getitems__` out
     if cells.values is not None: out["values"] = pad(cells.values, np.float32)
     if cells.expressed is not None: out["expressed_mask"] = pad(cells.expressed, bool)
     if cells.depth is not None: out["depth"] = torch.from_numpy(np.asarray(cells.depth, np.float32))
+    if cells.cell_ids is not None: out["cell_ids"] = torch.from_numpy(np.asarray(cells.cell_ids, np.int64))
     return out
 
 # %% ../nbs/03_tokenize.ipynb #a8a861a3
