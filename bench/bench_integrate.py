@@ -8,11 +8,11 @@ import time
 
 import pandas as pd
 
-from scfoundation.evaluate import cached_pretrain, pca_baseline
+from scfoundation.evaluate import embed_adata, pca_baseline
 from scfoundation.integrate import harmony_embedding, integration_scores
 from scfoundation.model import ModelConfig
 from scfoundation.simulate import SimConfig, simulate
-from scfoundation.train import TrainConfig, embed_adata, load_pretrained
+from scfoundation.train import TrainConfig, pretrain
 
 
 def main():
@@ -29,8 +29,8 @@ def main():
     harmony_embedding(sim, key="X_harmony", seed=0)
     train_config = (TrainConfig(steps=600, batch_size=32, lr=1e-3, warmup_steps=50, save_every=200) if args.full else
                     TrainConfig(steps=60, batch_size=16, lr=2e-3, warmup_steps=6, save_every=0))
-    model, vocab, tokenizer = load_pretrained(cached_pretrain(sim, ModelConfig.named("teaching"), train_config))
-    embed_adata(model, sim, vocab=vocab, tokenizer=tokenizer, key="X_scf", copy=False, progress=False)
+    model = pretrain(sim, ModelConfig.named("teaching"), train_config, cache=True, progress=False)
+    embed_adata(sim, model, key_added="X_scf", progress=False)
     harmony_embedding(sim, basis="X_scf", key="X_scf_harmony", seed=0)
     table = integration_scores(sim, ["X_pca_hvg", "X_harmony", "X_scf", "X_scf_harmony"])
     with pd.option_context("display.width", 200, "display.max_columns", 20):

@@ -9,13 +9,13 @@ import time
 import pandas as pd
 import torch
 
-from scfoundation.evaluate import cached_pretrain
+from scfoundation.evaluate import gene_embeddings
 from scfoundation.model import ModelConfig, SCFModel
-from scfoundation.perturb import (additive_baseline, design_perturbations, fit_perturbation_model, gene_embeddings,
+from scfoundation.perturb import (additive_baseline, design_perturbations, fit_perturbation_model,
                                   mean_baseline, observed_response, predict_response, response_scores,
                                   split_perturbations, true_response)
 from scfoundation.simulate import SimConfig, simulate
-from scfoundation.train import TrainConfig, load_pretrained
+from scfoundation.train import TrainConfig, pretrain
 
 
 def main():
@@ -31,10 +31,11 @@ def main():
     controls = sim[sim.obs["perturbation"] == "control"].copy()
     train_config = (TrainConfig(steps=600, batch_size=32, lr=1e-3, warmup_steps=50, save_every=200) if args.full else
                     TrainConfig(steps=60, batch_size=16, lr=2e-3, warmup_steps=6, save_every=0))
-    model, vocab, tokenizer = load_pretrained(cached_pretrain(controls, ModelConfig.named("teaching"), train_config))
+    model = pretrain(controls, ModelConfig.named("teaching"), train_config, cache=True, progress=False)
     torch.manual_seed(0)
-    embeddings = {"model (pretrained)": gene_embeddings(model, controls, tokenizer, seed=0),
-                  "model (untrained)": gene_embeddings(SCFModel(model.config), controls, tokenizer, seed=0)}
+    untrained = SCFModel(model.config); untrained.tokenizer = model.tokenizer
+    embeddings = {name: gene_embeddings(each, controls, seed=0).to_numpy()
+                  for name, each in (("model (pretrained)", model), ("model (untrained)", untrained))}
     train_responses = observed.loc[split.index[split["split"] == "train"]]
     test_groups = split.loc[split["split"] == "test", "group"]
     tests, tfs = list(test_groups.index), list(sim.uns["truth"]["tfs"])

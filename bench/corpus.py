@@ -98,12 +98,15 @@ def phase_stream(args) -> dict:
     "Stream rate with 0 and N workers; the teaching model's consumption rate on the same batches; FLOPs per cell."
     import itertools
     import torch
-    from scfoundation.corpus import Corpus, CorpusDataset, corpus_tokenizer, stream_batches
+    from scfoundation.corpus import Corpus, CorpusDataset, stream_batches
     from scfoundation.model import ModelConfig, SCFModel, count_flops, mask_batch
     from scfoundation.train import TrainConfig, accumulate_gradients, make_optimizer, optimizer_step
+    from scfoundation.tokenization import tokenizer_for
     torch.set_num_threads(args.threads)
     corpus, model_config = Corpus(Path(args.out) / "corpus"), _model_config(args)
-    began = time.perf_counter(); tokenizer = corpus_tokenizer(corpus, model_config); medians_seconds = time.perf_counter() - began
+    began = time.perf_counter()
+    tokenizer = tokenizer_for(model_config.input_kind, corpus.vocab, model_config.max_len, model_config.n_bins, gene_medians=corpus.gene_medians)
+    medians_seconds = time.perf_counter() - began
     out = {"medians_seconds": medians_seconds}
     for workers in sorted({0, args.workers}):
         dataset = CorpusDataset(corpus, tokenizer, batch_size=args.batch_size, seed=workers)
@@ -115,8 +118,8 @@ def phase_stream(args) -> dict:
     out["tokens_per_cell"] = sum(tokens) / (len(tokens) * args.batch_size)
     config = ModelConfig(**{**model_config.to_dict(), "vocab_size": len(corpus.vocab)})
     model, train_config = SCFModel(config).train(), TrainConfig(batch_size=args.batch_size, precision=args.precision)
-    optimizer, generator = make_optimizer(model, train_config), torch.Generator().manual_seed(0)
-    masked = [mask_batch(batch, config, 0.15, generator) for batch in kept[:args.train_steps + 2]]
+    optimizer = make_optimizer(model, train_config)
+    masked = [mask_batch(batch, config, 0.15, seed=index) for index, batch in enumerate(kept[:args.train_steps + 2])]
     for index, batch in enumerate(masked):
         if index == 2: began = time.perf_counter()   # two warm-up steps
         accumulate_gradients(model, [batch], train_config, torch.device("cpu")); optimizer_step(model, optimizer, index, train_config)
@@ -127,15 +130,14 @@ def phase_stream(args) -> dict:
 
 
 def phase_train(args) -> dict:
-    "pretrain_corpus itself (loader workers included), for its peak memory and wall time."
+    "`pretrain` on the corpus itself (loader workers included), for its peak memory and wall time."
     import torch
-    from scfoundation.corpus import pretrain_corpus
-    from scfoundation.train import TrainConfig
+    from scfoundation.train import TrainConfig, pretrain
     torch.set_num_threads(args.threads)
     config = TrainConfig(steps=args.train_steps, batch_size=args.batch_size, warmup_steps=2, save_every=0,
                          precision=args.precision, num_workers=args.loader_workers)
     began = time.perf_counter()
-    history = pretrain_corpus(Path(args.out) / "corpus", _model_config(args), config, Path(args.out) / "run", progress=False)
+    history = pretrain(Path(args.out) / "corpus", _model_config(args), config, Path(args.out) / "run", progress=False).history
     return {"seconds": time.perf_counter() - began, "steps": len(history), "final_loss": float(history["loss"].iloc[-1])}
 
 
@@ -157,7 +159,7 @@ def parse_args():
     parser.add_argument("--stream-batches", type=int, default=100, help="batches timed for the stream rate")
     parser.add_argument("--train-steps", type=int, default=20, help="optimizer steps timed for the model")
     parser.add_argument("--max-len", type=int, default=1024, help="tokens per cell (model and tokenizer)")
-    parser.add_argument("--kind", default="rank", choices=("rank", "bins", "continuous"), help="tokenizer / model input")
+    parser.add_argument("--kind", default="rank", choices=("rank", "bins", "continuous"), help="tokenizer / model input kind")
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     parser.add_argument("--quick", action="store_true", help="30 stream batches, 8 train steps")
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one, deleted at the end)")
@@ -182,7 +184,7 @@ def report(args, results: dict, peaks: dict):
     ratio = fast / stream["model_cells_per_s"]
     print(f"model:  {stream['model_cells_per_s']:,.1f} cells/s consumed (teaching model, {args.precision}, {args.threads} threads, "
           f"{stream['tokens_per_cell']:.0f} tokens/cell) → stream / consumption = {ratio:,.0f}x (goal >= 10x)")
-    print(f"train:  pretrain_corpus ({args.loader_workers} loader workers) {results['train']['steps']} steps in {results['train']['seconds']:.0f} s, "
+    print(f"train:  pretrain on the corpus ({args.loader_workers} loader workers) {results['train']['steps']} steps in {results['train']['seconds']:.0f} s, "
           f"peak memory of the process tree: RSS {peaks['train'][0] / gib:.2f} GiB, PSS {peaks['train'][1] / gib:.2f} GiB "
           f"(goal <= 2 GiB each; the training process alone: PSS {peaks['train'][2] / gib:.2f} GiB, model and activations included)")
     print(f"FLOPs:  Geneformer-6L training on these cells: {stream['geneformer6l_train_flops_per_cell'] / 1e9:.1f} GFLOP/cell")

@@ -19,12 +19,11 @@ import time
 import pandas as pd
 import torch
 
-from scfoundation.evaluate import cached_pretrain
 from scfoundation.grn import grn_benchmark
 from scfoundation.insilico import insilico_benchmark
 from scfoundation.model import ModelConfig
 from scfoundation.simulate import simulate
-from scfoundation.train import TrainConfig, load_pretrained
+from scfoundation.train import TrainConfig, pretrain
 
 
 def main():
@@ -42,13 +41,13 @@ def main():
     for steps in args.steps:
         train_config = TrainConfig(steps=steps, batch_size=16, lr=3e-3, warmup_steps=max(1, steps // 10), save_every=0)
         started = time.perf_counter()
-        model, _, tokenizer = load_pretrained(cached_pretrain(sim, ModelConfig.named("teaching"), train_config))
+        model = pretrain(sim, ModelConfig.named("teaching"), train_config, cache=True, progress=False)
         pretrain_s = time.perf_counter() - started
         started = time.perf_counter()
-        table, per_gene = insilico_benchmark(model, sim, tokenizer, "A.1", "B.1", min_expressed=0.5, max_cells=args.perturb_cells)
+        table, per_gene = insilico_benchmark(model, sim, None, "A.1", "B.1", min_expressed=0.5, max_cells=args.perturb_cells)
         insilico_s = time.perf_counter() - started
         started = time.perf_counter()
-        grn_table, _ = grn_benchmark(model, sim, tokenizer, max_cells=args.grn_cells)
+        grn_table, _ = grn_benchmark(model, sim, max_cells=args.grn_cells)
         grn_s = time.perf_counter() - started
         print(f"\n== {steps} pretraining steps ({pretrain_s:.1f} s, or read from the cache) ==")
         print(f"in silico: {len(per_gene)} genes x {args.perturb_cells} cells in {insilico_s:.1f} s "

@@ -29,7 +29,7 @@ def main():
     for precision in ("fp32", "bf16"):
         config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=2e-3, warmup_steps=4, save_every=0, precision=precision)
         started = time.perf_counter()
-        history = pretrain(pbmc, ModelConfig.named("teaching"), config, tempfile.mkdtemp(), progress=False)
+        history = pretrain(pbmc, ModelConfig.named("teaching"), config, tempfile.mkdtemp(), progress=False).history
         seconds = (time.perf_counter() - started) / steps
         rate = history.tokens_per_s.iloc[2:].median()             # the first steps warm up caches and allocators
         print(f"{precision:<10}{rate:>12,.0f}{seconds:>10.2f}{history.loss.iloc[-1]:>12.3f}")

@@ -31,10 +31,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from scfoundation.genes import Vocab
-from scfoundation.tokenization import (CLS_ID, BinningTokenizer, CellDataset, ContinuousTokenizer, RankValueTokenizer,
-                                       collate, column_token_ids, compute_gene_medians, hash_uint32, iter_tokenized,
-                                       log_normalise, read_chunks)
+from scfoundation.data import log_normalise_values, read_chunks
+from scfoundation.genes import CLS_ID, Vocab
+from scfoundation.tokenization import (BinningTokenizer, CellDataset, ContinuousTokenizer, RankValueTokenizer,
+                                       collate, column_token_ids, compute_gene_medians, hash_uint32, iter_tokenized)
 
 GENEFORMER_CELLS_PER_S, SCGPT_CELLS_PER_S = 4_600, 1_600  # measured on a 2-core machine (see the issue)
 
@@ -78,11 +78,11 @@ class Stage:
 # ------------------------------------------------------------------ per-cell references
 def reference_cell(scheme, tokens, counts, total, medians, max_length, cell_id, seed=0):
     "One cell, the plain way: one sort (rank-value), one quantile + digitize (binning)."
-    if scheme == "rank_value":
+    if scheme == "rank":
         order = np.argsort(-(counts.astype(np.float32) / medians[tokens]), kind="stable")
         return np.concatenate([[CLS_ID], tokens[order][:max_length - 1]])
-    values = log_normalise(counts, total)
-    if scheme == "binning": values = np.digitize(values, np.quantile(values, np.linspace(0, 1, 50))) + 1
+    values = log_normalise_values(counts, total)
+    if scheme == "bins": values = np.digitize(values, np.quantile(values, np.linspace(0, 1, 50))) + 1
     if len(tokens) > max_length - 1:
         keep = np.sort(np.argsort(hash_uint32(seed, np.full(len(tokens), cell_id), tokens), kind="stable")[:max_length - 1])
         tokens, values = tokens[keep], values[keep]
@@ -100,7 +100,7 @@ def run_reference(path, scheme, vocab, max_length, n_cells, chunk_size):
             tokens = token_ids[chunk.indices[span]]
             out = reference_cell(scheme, tokens, chunk.data[span].astype(np.float64), totals[row], medians, max_length,
                                  first + row)
-            n_tokens += len(out if scheme == "rank_value" else out[0])
+            n_tokens += len(out if scheme == "rank" else out[0])
     return n_tokens
 
 
@@ -120,14 +120,12 @@ def loader_rate(dataset, n_batches, batch_size, num_workers):
 
 def model_rate(tokenizer, batches, vocab):
     from scfoundation.model import ModelConfig, SCFModel, mask_batch
-    kind = {"rank_value": "rank", "binning": "bins", "continuous": "continuous"}[tokenizer.name]
-    config = ModelConfig.named("teaching", vocab_size=len(vocab), input_kind=kind, max_len=tokenizer.max_length)
+    config = ModelConfig.named("teaching", vocab_size=len(vocab), input_kind=tokenizer.name, max_len=tokenizer.max_length)
     model = SCFModel(config)
     optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
     start, cells = time.perf_counter(), 0
-    for batch in batches:
-        loss = model(mask_batch(batch, config, generator=generator))["loss"]
+    for index, batch in enumerate(batches):
+        loss = model(mask_batch(batch, config, seed=index))["loss"]
         optimiser.zero_grad(); loss.backward(); optimiser.step()
         cells += batch["input_ids"].shape[0]
     return cells / (time.perf_counter() - start)
@@ -156,7 +154,7 @@ def main():
         print(f"gene medians, one streaming pass: {args.cells / stage.seconds:,.0f} cells/s, peak {stage.peak_mb:,.0f} MiB")
         vocab = vocab.with_medians(medians)
         schemes = [RankValueTokenizer(vocab, 2048), BinningTokenizer(vocab, 1200), ContinuousTokenizer(vocab, 2048, include_zeros=False)]
-        baseline = {"rank_value": GENEFORMER_CELLS_PER_S, "binning": SCGPT_CELLS_PER_S, "continuous": None}
+        baseline = {"rank": GENEFORMER_CELLS_PER_S, "bins": SCGPT_CELLS_PER_S, "continuous": None}
         print(f"\n{'scheme':<12} {'variant':<26} {'cells/s':>9} {'peak MiB':>9} {'vs ref':>10}  vs published tokenizer (quiet machine)")
         for tokenizer in schemes:
             n_ref = min(args.reference_cells, args.cells)

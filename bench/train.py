@@ -88,8 +88,7 @@ def ours(config: ModelConfig, batches: list[dict], precision: str) -> dict:
     torch.manual_seed(0)
     model = SCFModel(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    generator = torch.Generator().manual_seed(0)
-    masked = [mask_batch(batch, config, generator=generator) for batch in batches]
+    masked = [mask_batch(batch, config, seed=index) for index, batch in enumerate(batches)]
 
     def train_all():
         for batch in masked:
@@ -119,10 +118,9 @@ def peer(config: ModelConfig, batches: list[dict], precision: str) -> dict:
     bert_config._attn_implementation = "sdpa"
     model = BertForMaskedLM(bert_config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    generator = torch.Generator().manual_seed(0)
     masked = []
-    for batch in batches:
-        hidden = mask_batch(batch, config, generator=generator)
+    for index, batch in enumerate(batches):
+        hidden = mask_batch(batch, config, seed=index)
         labels = hidden["labels"].masked_fill(~hidden["mask_positions"], -100)
         masked.append(dict(input_ids=hidden["input_ids"], attention_mask=hidden["attention_mask"].long(), labels=labels))
     plain = [dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()) for batch in batches]

@@ -14,13 +14,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import DataError
-from .evaluate import get_labels, highly_variable_genes, log_normalise, stratified_split
+from .data import DataError, highly_variable_genes, log_normalise, new_figure
+from .evaluate import embed_cells, get_labels, iter_batches, stratified_split
 
 # %% auto #0
 __all__ = ['FINETUNE_MODES', 'split_cells', 'train_test_labels', 'write_predictions', 'logistic_baseline', 'annotation_table',
-           'plot_confusion', 'CellTypeClassifier', 'cell_embeddings', 'finetune_classifier', 'predict_proba',
-           'annotate']
+           'plot_confusion', 'CellTypeClassifier', 'finetune_classifier', 'predict_proba', 'annotate']
 
 # %% ../nbs/08_annotate.ipynb #7b1ef291
 def split_cells(adata: ad.AnnData,           # cells with labels; obs[key_added] and uns[key_added] are written
@@ -121,13 +120,12 @@ def plot_confusion(adata: ad.AnnData,           # cells with labels, split and p
                    split_key: str = "split",     # obs column with "train" / "test"
                   ):
     "Row-normalised confusion matrices on the test cells (rows: true type, columns: predicted); returns the figure."
-    import matplotlib.pyplot as plt
     from sklearn.metrics import confusion_matrix
     if isinstance(keys, str): keys = [keys]
     annotation_table(adata, keys, label_key, split_key)  # checks every key
     labels, is_test = train_test_labels(adata, label_key, split_key)
     classes = np.unique(labels)
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys) + 1, 5), squeeze=False)
+    fig, axes = new_figure(len(keys), figsize=(5 * len(keys) + 1, 5), squeeze=False)
     for axis, key in zip(axes[0], keys):
         predicted = adata.obs[f"{key}_pred"].astype(str).to_numpy()[is_test]
         counts = confusion_matrix(labels[is_test], predicted, labels=classes)
@@ -144,10 +142,11 @@ class CellTypeClassifier(nn.Module):
     "A pretrained `SCFModel` (the backbone), a standardisation of its cell embedding, and a linear head."
     def __init__(self, backbone: nn.Module, # an `SCFModel`
                  classes: Sequence[str],   # cell-type names, in the head's output order
-                 tokenizer,                # the tokenizer the backbone was pretrained with
+                 tokenizer=None,           # the tokenizer the backbone was pretrained with (None: `backbone.tokenizer`)
                 ):
         super().__init__()
-        self.backbone, self.tokenizer, self.classes = backbone, tokenizer, [str(name) for name in classes]
+        self.backbone, self.classes = backbone, [str(name) for name in classes]
+        self.tokenizer = backbone.tokenizer if tokenizer is None else tokenizer
         width = backbone.config.d_model
         self.standardise = nn.BatchNorm1d(width, affine=False)  # batch statistics while training, stored ones after
         self.head = nn.Linear(width, len(self.classes))
@@ -165,25 +164,11 @@ class CellTypeClassifier(nn.Module):
         "Logits (B, classes) of a `collate` batch."
         return self.logits_from_embeddings(self.backbone(batch)["cell_embedding"])
 
-# %% ../nbs/08_annotate.ipynb #a2015f27
-def _batches(adata: ad.AnnData, tokenizer, indices: np.ndarray, batch_size: int):
-    "Yield (indices, collated batch) for the given cells, in the given order, tokenized batch by batch."
-    from scfoundation.tokenization import CellDataset, collate
-    dataset = CellDataset(adata, tokenizer)
-    for start in range(0, len(indices), batch_size):
-        chosen = indices[start:start + batch_size]
-        yield chosen, collate(dataset.__getitems__(chosen))
-
-def cell_embeddings(model: nn.Module,    # an `SCFModel`
-                    adata: ad.AnnData,   # raw counts in X
-                    tokenizer,           # the tokenizer the model was pretrained with
-                    batch_size: int = 64, # cells per forward pass
-                   ) -> np.ndarray:
-    "The model's cell embedding of every cell, (cells × d), without gradients."
-    rows = [model.embed(batch).numpy() for _, batch in _batches(adata, tokenizer, np.arange(adata.n_obs), batch_size)]
-    return np.concatenate(rows).astype(np.float32)
-
 # %% ../nbs/08_annotate.ipynb #13a2a319
+def _embeddings(classifier: CellTypeClassifier, adata: ad.AnnData, cells: np.ndarray) -> torch.Tensor:
+    "The backbone's embeddings of the chosen cells, (cells × d), on the classifier's device."
+    return torch.from_numpy(embed_cells(classifier.backbone, adata, cells, classifier.tokenizer)).to(classifier.head.weight.device)
+
 def _fit_head(classifier: CellTypeClassifier, embeddings: torch.Tensor, targets: torch.Tensor,
               epochs: int, batch_size: int, lr: float, generator: torch.Generator) -> list[float]:
     "Train the classifier's head on fixed embeddings; returns the mean loss per epoch."
@@ -193,7 +178,7 @@ def _fit_head(classifier: CellTypeClassifier, embeddings: torch.Tensor, targets:
         order, total = torch.randperm(len(targets), generator=generator), 0.0
         for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]
-            loss = nn.functional.cross_entropy(classifier.logits_from_embeddings(embeddings[chosen]), targets[chosen])
+            loss = nn.functional.cross_entropy(classifier.logits_from_embeddings(embeddings[chosen]), targets[chosen].to(embeddings.device))
             optimiser.zero_grad(); loss.backward(); optimiser.step()
             total += loss.item() * len(chosen)
         losses.append(total / len(targets))
@@ -209,13 +194,14 @@ def _fit_full(classifier: CellTypeClassifier, adata: ad.AnnData, train_index: np
     for _ in range(epochs):
         order, total = train_index[torch.randperm(len(train_index), generator=generator).numpy()], 0.0
         if len(order) % batch_size == 1: order = order[:-1]  # batch statistics need two cells or more
-        for chosen, batch in _batches(adata, classifier.tokenizer, order, batch_size):
-            loss = nn.functional.cross_entropy(classifier(batch), torch.from_numpy(targets[chosen]))
+        for chosen, batch in iter_batches(adata, classifier.tokenizer, order, batch_size):
+            logits = classifier(batch)
+            loss = nn.functional.cross_entropy(logits, torch.from_numpy(targets[chosen]).to(logits.device))
             optimiser.zero_grad(); loss.backward(); optimiser.step()
             total += loss.item() * len(chosen)
         losses.append(total / len(order))
     classifier.eval()  # prediction standardises with the trained encoder's statistics on the training cells
-    classifier.standardise_with(torch.from_numpy(cell_embeddings(classifier.backbone, adata[train_index], classifier.tokenizer)))
+    classifier.standardise_with(_embeddings(classifier, adata, train_index))
     return losses
 
 # %% ../nbs/08_annotate.ipynb #a0ecaf0d
@@ -223,7 +209,7 @@ FINETUNE_MODES = ("head", "full")
 
 def finetune_classifier(model: nn.Module,            # a pretrained `SCFModel` (copied, never modified)
                         adata: ad.AnnData,           # raw counts in X; labels and split in obs
-                        tokenizer,                   # the tokenizer the model was pretrained with
+                        tokenizer=None,              # the tokenizer the model was pretrained with (None: `model.tokenizer`)
                         label_key: str = "cell_type", # obs column with the cell types
                         split_key: str = "split",    # obs column with "train" / "test"; only "train" cells are used
                         mode: str = "head",          # "head": frozen encoder; "full": every weight trains
@@ -236,8 +222,6 @@ def finetune_classifier(model: nn.Module,            # a pretrained `SCFModel` (
     "Train a linear cell-type head on the model's cell embedding (and, with mode='full', the model too)."
     if mode not in FINETUNE_MODES: raise DataError(f"mode={mode!r}: use one of {FINETUNE_MODES}.")
     if epochs < 1: raise DataError(f"epochs={epochs}: train for at least one epoch.")
-    if getattr(model.config, "vocab_version", None) is not None:
-        tokenizer.vocab.check_compatible(model.config.vocab_version)
     labels, is_test = train_test_labels(adata, label_key, split_key)
     classes = np.unique(labels)
     targets = np.searchsorted(classes, labels).astype(np.int64)
@@ -245,8 +229,8 @@ def finetune_classifier(model: nn.Module,            # a pretrained `SCFModel` (
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():  # the head's initial weights, without touching the global generator
         torch.manual_seed(seed)
-        classifier = CellTypeClassifier(copy.deepcopy(model), classes, tokenizer)
-    embeddings = torch.from_numpy(cell_embeddings(classifier.backbone, adata[train_index], tokenizer))
+        classifier = CellTypeClassifier(copy.deepcopy(model), classes, tokenizer).to(model.device)
+    embeddings = _embeddings(classifier, adata, train_index)  # checks the tokenizer against the model's vocabulary
     classifier.standardise_with(embeddings)
     if mode == "head":
         classifier.backbone.requires_grad_(False)
@@ -265,8 +249,8 @@ def predict_proba(classifier: CellTypeClassifier, # a fine-tuned classifier
                  ) -> np.ndarray:
     "Class probabilities (cells × classes) of every cell."
     classifier.eval()
-    parts = [torch.softmax(classifier(batch), dim=-1).numpy()
-             for _, batch in _batches(adata, classifier.tokenizer, np.arange(adata.n_obs), batch_size)]
+    parts = [torch.softmax(classifier(batch), dim=-1).cpu().numpy()
+             for _, batch in iter_batches(adata, classifier.tokenizer, batch_size=batch_size)]
     return np.concatenate(parts)
 
 def annotate(adata: ad.AnnData,              # raw counts in X; predictions are written

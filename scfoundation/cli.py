@@ -6,36 +6,55 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import data, genes
+from . import __version__, data, genes
+from .model import INPUT_KINDS
 
 DEFAULT_DATA = "pbmc68k"  # the name that stands for the built-in data wherever a file is expected
 
 # %% auto #0
-__all__ = ['DEFAULT_DATA', 'TASKS', 'FINE_TUNE_MODES', 'prepare', 'load_cells', 'pretrain_command', 'embed_command',
-           'evaluate_command', 'annotation_command', 'perturbation_command', 'insilico_command', 'grn_command',
-           'simulate_command', 'demo', 'main']
+__all__ = ['DEFAULT_DATA', 'TASKS', 'FINE_TUNE_MODES', 'prepare', 'load_cells', 'write_cells', 'pretrain_command',
+           'embed_command', 'evaluate_command', 'annotation_command', 'perturbation_command', 'insilico_command',
+           'grn_command', 'simulate_command', 'demo', 'main']
 
 # %% ../nbs/15_cli.ipynb #ea0fc6c3
-def prepare(source, # an AnnData or a path read by `data.read_anndata`
+def _read_source(source):
+    "The built-in data for `pbmc68k`, an AnnData as it is, or a file read by `data.read_anndata` (backed when larger than memory)."
+    if isinstance(source, str) and source == DEFAULT_DATA: return data.load_pbmc68k()
+    return data.read_anndata(source, backed="auto") if isinstance(source, (str, Path)) else source
+
+
+def prepare(source, # `pbmc68k`, an AnnData, or a path read by `data.read_anndata`
             layer: str | None = None, # layer holding counts (default: found automatically)
             min_genes: int = 200, # QC: fewest genes detected per cell
             max_pct_mito: float = 20.0, # QC: largest mitochondrial percentage
             map_ids: bool = True, # map gene identifiers onto the human gene table
             verbose: bool = True, # print what each step did
+            out=None, # write the result to this `.h5ad`, every step block by block, and return it backed
+            chunk_size: int = 10_000, # cells per block when writing to `out`
            ):
     "Counts → QC filter → gene mapping, as one function (the `scf prepare` command)."
-    counts = data.prepare_counts(data.read_anndata(source), layer=layer, empty_cells="drop")
-    kept = data.filter_cells(counts, min_genes=min_genes, max_pct_mito=max_pct_mito, verbose=verbose)
-    if not map_ids: return kept
-    mapped = genes.map_genes(kept)
+    adata, out = _read_source(source), None if out is None else Path(out)
+    steps = [out.with_name(f".{out.name}.{step}.tmp.h5ad") for step in ("counts", "kept")] if out is not None else [None, None]
+    if not map_ids and out is not None: steps[1] = out
+    try:
+        counts = data.prepare_counts(adata, layer=layer, empty_cells="drop", out=steps[0], chunk_size=chunk_size)
+        if verbose and counts.n_obs < adata.n_obs: print(f"dropped {adata.n_obs - counts.n_obs} cells without any count")
+        kept = data.filter_cells(counts, min_genes=min_genes, max_pct_mito=max_pct_mito, verbose=verbose, out=steps[1], chunk_size=chunk_size)
+        if not map_ids: return kept
+        mapped = genes.map_genes(kept, out=out, chunk_size=chunk_size)
+    finally:
+        for step in steps:
+            if step is not None and step != out: step.unlink(missing_ok=True)
     if verbose: print(genes.coverage_report(mapped))
     return mapped
 
@@ -45,11 +64,31 @@ def load_cells(source, # `pbmc68k`, an AnnData, or a path (prepared on the fly u
                verbose: bool = False, # print what preparing did
               ):
     "Cells ready for the model: raw counts with genes mapped onto the human table."
-    if isinstance(source, str) and source == DEFAULT_DATA:
-        return prepare(data.load_pbmc68k(), min_genes=min_genes, verbose=verbose)
-    adata = data.read_anndata(source)
+    adata = _read_source(source)
     if "scf_gene_coverage" in adata.uns and "entrez_id" in adata.var: return adata
-    return prepare(adata, min_genes=min_genes, verbose=verbose)
+    out = Path(tempfile.mkdtemp()) / "prepared.h5ad" if adata.isbacked else None   # larger than memory: prepare on disk
+    return prepare(adata, min_genes=min_genes, verbose=verbose, out=out)
+
+
+def write_cells(adata, # cells, in memory or backed
+                path,  # the `.h5ad` to write
+               ) -> Path:
+    "Write `adata` to `path` atomically; backed cells keep X on disk (the file is copied, annotations rewritten)."
+    from anndata.io import write_elem
+    import h5py
+    path = Path(path)
+    if path.is_dir(): raise data.DataError(f"{path} is a folder: pass the path of the .h5ad file to write.")
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if not adata.isbacked: adata.write_h5ad(temp)
+        else:
+            shutil.copyfile(adata.filename, temp)
+            with h5py.File(temp, "r+") as handle:
+                for key, value in {"obs": adata.obs, "obsm": dict(adata.obsm), "uns": dict(adata.uns)}.items():
+                    del handle[key]; write_elem(handle, key, value)
+        os.replace(temp, path)
+    finally: temp.unlink(missing_ok=True)
+    return path
 
 # %% ../nbs/15_cli.ipynb #5dd67084
 def _is_main_process() -> bool:
@@ -64,16 +103,17 @@ def pretrain_command(source, # cells, as `load_cells` takes them
                      input_kind: str = "rank", # "rank", "bins" or "continuous"
                      resume: bool = True, # continue from the newest checkpoint in out_dir
                      progress: bool = True, # tqdm bar
+                     fsdp: bool = False, # under torchrun: FSDP instead of DDP
                      **train_options, # any `TrainConfig` field (steps, batch_size, lr, precision, seed, …)
-                    ) -> pd.DataFrame:
-    "Pretrain a named model config on cells; returns the loss history (also in out_dir/history.csv)."
+                    ):
+    "Pretrain a named model config on cells or a corpus folder; returns the model (its history also in out_dir/history.csv)."
     from scfoundation.model import ModelConfig
     from scfoundation.train import TrainConfig, pretrain
-    cells = load_cells(source)
-    history = pretrain(cells, ModelConfig.named(config, input_kind=input_kind), TrainConfig(**train_options),
-                       out_dir=out_dir, resume=resume, progress=progress)
-    if _is_main_process(): history.to_csv(Path(out_dir) / "history.csv", index=False)
-    return history
+    is_corpus = isinstance(source, (str, Path)) and (Path(source) / "manifest.json").is_file()
+    model = pretrain(source if is_corpus else load_cells(source), ModelConfig.named(config, input_kind=input_kind),
+                     TrainConfig(**train_options), out_dir=out_dir, resume=resume, fsdp=fsdp, progress=progress)
+    if _is_main_process(): model.history.to_csv(Path(out_dir) / "history.csv", index=False)
+    return model
 
 
 def _run_folder(run) -> Path:
@@ -87,9 +127,12 @@ def embed_command(run, # a run folder (its final/) or a checkpoint folder
                   key: str = "X_scf", # obsm key
                   progress: bool = True, # tqdm bar
                  ):
-    "Cells with the model's embedding in obsm[key]."
-    from scfoundation.train import embed_adata
-    return embed_adata(_run_folder(run), load_cells(source), key=key, progress=progress)
+    "Cells with the model's embedding in obsm[key] (on a GPU when one is visible)."
+    from scfoundation.evaluate import embed_adata
+    from scfoundation.train import resolve_device
+    cells = load_cells(source)
+    embed_adata(cells, _load_run(run), key_added=key, device=resolve_device("auto"), progress=progress)
+    return cells
 
 
 def evaluate_command(adata, # cells with labels and embeddings in obsm
@@ -100,7 +143,7 @@ def evaluate_command(adata, # cells with labels and embeddings in obsm
                     ) -> pd.DataFrame:
     "Score embeddings beside PCA on HVGs (and, with `batch_key`, batch integration beside PCA and Harmony)."
     from scfoundation.evaluate import evaluate_embeddings, pca_baseline
-    adata = adata.copy()
+    adata = adata.to_memory() if adata.isbacked else adata.copy()
     pca_baseline(adata, seed=seed)
     if batch_key is None:
         return evaluate_embeddings(adata, keys=[*keys, "X_pca_hvg"], label_key=label_key, seed=seed)
@@ -115,9 +158,12 @@ FINE_TUNE_MODES = ("head", "full")
 
 
 def _load_run(run):
-    "(model, vocab, tokenizer) of a `scf pretrain` run folder or checkpoint folder."
-    from scfoundation.train import load_pretrained
-    return load_pretrained(_run_folder(run))
+    "The model (with its tokenizer) of a `scf pretrain` run folder or checkpoint folder."
+    from scfoundation.model import SCFModel
+    model = SCFModel.from_pretrained(_run_folder(run))
+    if model.tokenizer is None:
+        raise data.DataError(f"{run} holds a model without vocab.json: pass a folder written by `scf pretrain --out`.")
+    return model
 
 
 def _require_truth(adata, part: str, task: str):
@@ -140,11 +186,11 @@ def annotation_command(adata, # cells with labels; the split and every method's 
     from scfoundation import annotate
     unknown = sorted(set(modes) - set(FINE_TUNE_MODES))
     if unknown: raise data.DataError(f"fine-tuning modes {unknown} are unknown: choose from {list(FINE_TUNE_MODES)}.")
-    model, _, tokenizer = _load_run(run)
+    model = _load_run(run)
     annotate.split_cells(adata, label_key=label_key, test_size=test_size, seed=seed)
     annotate.logistic_baseline(adata, label_key=label_key, seed=seed)
     for mode in modes:
-        classifier = annotate.finetune_classifier(model, adata, tokenizer, label_key=label_key, mode=mode, epochs=epochs, seed=seed)
+        classifier = annotate.finetune_classifier(model, adata, model.tokenizer, label_key=label_key, mode=mode, epochs=epochs, seed=seed)
         annotate.annotate(adata, classifier, key_added=f"scf_{mode}")
     return annotate.annotation_table(adata, keys=["logreg", *(f"scf_{mode}" for mode in modes)], label_key=label_key)
 
@@ -157,8 +203,8 @@ def perturbation_command(adata, # cells labelled by perturbation (raw counts)
                         ) -> pd.DataFrame:
     "Held-out perturbations: a head on the model's gene embeddings beside the mean and additive baselines."
     from scfoundation.perturb import perturbation_benchmark
-    model, _, tokenizer = _load_run(run)
-    return perturbation_benchmark(model, adata, tokenizer, perturbation_key, control, seed=seed)[0]
+    model = _load_run(run)
+    return perturbation_benchmark(model, adata, model.tokenizer, perturbation_key, control, seed=seed)[0]
 
 # %% ../nbs/15_cli.ipynb #c24a5c48
 def insilico_command(adata, # simulated cells (`scf simulate`)
@@ -175,8 +221,8 @@ def insilico_command(adata, # simulated cells (`scf simulate`)
     types = sorted(adata.obs["cell_type"].astype(str).unique())
     for name, value in (("source", source), ("target", target)):
         if value not in types: raise data.DataError(f"the {name} cell type {value!r} is not in obs['cell_type']: pass --{name} one of {types}.")
-    model, _, tokenizer = _load_run(run)
-    return insilico_benchmark(model, adata, tokenizer, source, target, mode=mode, max_cells=max_cells, seed=seed)[0]
+    model = _load_run(run)
+    return insilico_benchmark(model, adata, model.tokenizer, source, target, mode=mode, max_cells=max_cells, seed=seed)[0]
 
 
 def grn_command(adata, # simulated cells (`scf simulate`)
@@ -187,8 +233,8 @@ def grn_command(adata, # simulated cells (`scf simulate`)
     "AUPRC of regulator → target edges from the model's gene embeddings and attention, beside correlation."
     from scfoundation.grn import grn_benchmark
     _require_truth(adata, "network", "network inference")
-    model, _, tokenizer = _load_run(run)
-    return grn_benchmark(model, adata, tokenizer, max_cells=max_cells, seed=seed)[0]
+    model = _load_run(run)
+    return grn_benchmark(model, adata, model.tokenizer, max_cells=max_cells, seed=seed)[0]
 
 # %% ../nbs/15_cli.ipynb #f2964151
 def simulate_command(n_cells: int = 2000, # cells
@@ -215,8 +261,7 @@ def _save(fig, path: Path):
 
 
 def _plot_history(history: pd.DataFrame):
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = data.new_figure(figsize=(5, 3.2))
     ax.plot(history.step, history.loss, lw=1, alpha=0.4, label="loss per step")
     ax.plot(history.step, history.loss.rolling(10, min_periods=1).mean(), lw=2, label="10-step mean")
     ax.set(xlabel="optimizer step", ylabel="masked-gene cross-entropy", title="pretraining loss")
@@ -230,22 +275,20 @@ def demo(out_dir: str | Path = "results", # where figures, tables and the model 
          progress: bool = True, # progress bars
         ) -> pd.DataFrame:
     "The main job on the default data: QC → genes → pretrain → embed → evaluate beside PCA. Returns the metrics table."
-    import matplotlib; matplotlib.use("Agg")
-    from scfoundation.evaluate import plot_embeddings
+    from scfoundation.evaluate import pca_baseline, plot_embeddings
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     pbmc = data.load_pbmc68k()
     data.qc_metrics(pbmc)
     _save(data.plot_qc(pbmc, min_genes=50), out / "qc.png")
     cells = prepare(pbmc, min_genes=50)
-    history = pretrain_command(cells, out / "model", steps=steps, seed=seed, progress=progress, save_every=max(steps // 2, 1))
+    history = pretrain_command(cells, out / "model", steps=steps, seed=seed, progress=progress, save_every=max(steps // 2, 1)).history
     _save(_plot_history(history), out / "loss.png")
     embedded = embed_command(out / "model", cells, progress=progress)
     table = evaluate_command(embedded, seed=seed)
-    from scfoundation.evaluate import pca_baseline
     pca_baseline(embedded, seed=seed)
     _save(plot_embeddings(embedded, keys=["X_scf", "X_pca_hvg"], seed=seed), out / "umap.png")
-    embedded.write_h5ad(out / "pbmc68k_embedded.h5ad")
+    write_cells(embedded, out / "pbmc68k_embedded.h5ad")
     table.to_csv(out / "metrics.csv")
     coverage = cells.uns["scf_gene_coverage"]
     print(f"\n{cells.n_obs} cells, {cells.n_vars} genes (gene coverage {coverage['genes']:.3f}, count coverage {coverage['counts']:.3f}); "
@@ -258,23 +301,24 @@ def demo(out_dir: str | Path = "results", # where figures, tables and the model 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scf", description="scfoundation: a literate single-cell foundation model. "
                                      "Start with `scf demo`, which runs the whole walk on built-in data.")
+    parser.add_argument("--version", action="version", version=f"scfoundation {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("prepare", help="raw counts + QC + gene mapping → .h5ad",
                        description="Read INPUT (.h5ad, 10x .h5, or 10x matrix folder), find or recover raw counts, "
                                    "filter cells by QC, map gene ids onto the human gene table, write OUTPUT .h5ad.")
-    p.add_argument("input", help="an .h5ad, a 10x .h5 file, or a 10x folder with matrix.mtx.gz")
+    p.add_argument("input", help=f"an .h5ad, a 10x .h5 file, a 10x folder with matrix.mtx.gz, or '{DEFAULT_DATA}' for the built-in data")
     p.add_argument("output", help="where to write the prepared .h5ad")
     p.add_argument("--layer", help="layer holding raw counts (default: found automatically)")
     p.add_argument("--min-genes", type=int, default=200, help="drop cells with fewer genes detected (default 200)")
     p.add_argument("--max-pct-mito", type=float, default=20.0, help="drop cells above this mitochondrial %% (default 20)")
     t = sub.add_parser("pretrain", help="masked-expression pretraining (checkpoints, resume)",
                        description="Pretrain a model on INPUT (an .h5ad from `scf prepare`, any input `prepare` reads, "
-                                   f"or '{DEFAULT_DATA}' for the built-in data). Checkpoints go to OUT/checkpoint-<step>, "
+                                   f"a corpus folder from `scf build-corpus`, or '{DEFAULT_DATA}' for the built-in data). Checkpoints go to OUT/checkpoint-<step>, "
                                    "the result to OUT/final; re-running the same command resumes.")
-    t.add_argument("input", help=f"cells: .h5ad / 10x input, or '{DEFAULT_DATA}'")
+    t.add_argument("input", help=f"cells: .h5ad / 10x input, a corpus folder, or '{DEFAULT_DATA}'")
     t.add_argument("--out", required=True, help="run folder for checkpoints and the final model")
     t.add_argument("--config", default="teaching", choices=["teaching", "geneformer-6l"], help="named model size (default teaching)")
-    t.add_argument("--input-kind", default="rank", choices=["rank", "bins", "continuous"],
+    t.add_argument("--input-kind", default="rank", choices=list(INPUT_KINDS),
                    help="tokenization: rank-value (Geneformer), value bins (scGPT), continuous values (scFoundation)")
     t.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     t.add_argument("--batch-size", type=int, default=32, help="cells per step (default 32)")
@@ -283,6 +327,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed for weights, data order and masks (default 0)")
     t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100)")
     t.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run instead of resuming")
+    t.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP instead of DDP")
     e = sub.add_parser("embed", help="write cell embeddings into obsm['X_scf'] of an .h5ad",
                        description="Embed the cells of INPUT with the model in RUN (a `scf pretrain` folder) and write OUTPUT.")
     e.add_argument("run", help="a `scf pretrain --out` folder (or its final/ or a checkpoint-<step> folder)")
@@ -378,32 +423,38 @@ def _user_errors() -> tuple:
     return (data.DataError, ModelError, CheckpointError, FileNotFoundError)
 
 
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    "A warning as the command line shows it: what happened and what to do, without the source line."
+    return f"scf: {category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `scf` console script."
+    import warnings
     args = _parser().parse_args(argv)
+    warnings.formatwarning = _one_line
     try:
         if args.command == "prepare":
-            adata = prepare(args.input, layer=args.layer, min_genes=args.min_genes, max_pct_mito=args.max_pct_mito)
-            adata.write_h5ad(args.output)
+            adata = prepare(args.input, layer=args.layer, min_genes=args.min_genes, max_pct_mito=args.max_pct_mito, out=args.output)
             print(f"wrote {args.output}: {adata.n_obs} cells × {adata.n_vars} genes")
         elif args.command == "pretrain":
             history = pretrain_command(args.input, args.out, config=args.config, input_kind=args.input_kind,
-                                       resume=not args.no_resume, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                       precision=args.precision, seed=args.seed, save_every=args.save_every)
+                                       resume=not args.no_resume, fsdp=args.fsdp, steps=args.steps, batch_size=args.batch_size,
+                                       lr=args.lr, precision=args.precision, seed=args.seed, save_every=args.save_every).history
             if _is_main_process():
                 print(f"loss {history.loss.iloc[0]:.3f} → {history.loss.iloc[-1]:.3f}; model in {Path(args.out) / 'final'}")
         elif args.command == "embed":
             embedded = embed_command(args.run, args.input)
-            embedded.write_h5ad(args.output)
+            write_cells(embedded, args.output)
             print(f"wrote {args.output}: obsm['X_scf'] {embedded.obsm['X_scf'].shape}")
         elif args.command == "evaluate":
             table, adata = _evaluate(args)
             print(table.round(3).to_string())
             if args.table: table.to_csv(args.table); print(f"wrote {args.table}")
-            if args.output: adata.write_h5ad(args.output); print(f"wrote {args.output}")
+            if args.output: write_cells(adata, args.output); print(f"wrote {args.output}")
         elif args.command == "simulate":
             adata = simulate_command(args.cells, args.genes, args.tfs, args.cell_types, args.batches, args.singles, args.doubles, args.seed)
-            adata.write_h5ad(args.output)
+            write_cells(adata, args.output)
             print(f"wrote {args.output}: {adata.n_obs} cells × {adata.n_vars} genes, {len(adata.uns['truth']['network']['regulator'])} "
                   f"network edges, {adata.obs['perturbation'].nunique() - 1} perturbations")
         elif args.command == "build-corpus":

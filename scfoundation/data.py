@@ -315,6 +315,13 @@ def _pick_counts(adata, layer, use_raw, tolerance):
     raise DataError("No raw counts found: " + "; ".join(tried) + f". Fix: {fix}.")
 
 # %% ../nbs/01_data.ipynb #21b6b5e4
+def _categorical_strings(obs: pd.DataFrame, var: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "obs and var with text columns as categoricals, exactly as `AnnData.write_h5ad` stores them."
+    holder = ad.AnnData(obs=obs, var=var)
+    holder.strings_to_categoricals()
+    return holder.obs, holder.var
+
+
 class H5adWriter:
     "An `.h5ad` written block by block: `append` rows of X, then `close` with obs, var, uns, obsm; it appears whole or not at all."
     def __init__(self, path,      # the `.h5ad` to write (replaced only when `close` succeeds)
@@ -333,6 +340,7 @@ class H5adWriter:
 
     def close(self, obs: pd.DataFrame, var: pd.DataFrame, uns: dict | None = None, obsm: dict | None = None) -> Path:
         "Write the annotations, then rename the finished file onto `path` (atomic on one file system)."
+        obs, var = _categorical_strings(obs, var)
         for key, value in {"obs": obs, "var": var, "uns": uns or {}, "obsm": obsm or {}}.items():
             write_elem(self.handle, key, value)
         for key in ("varm", "obsp", "varp", "layers"): write_elem(self.handle, key, {})
@@ -389,15 +397,14 @@ def prepare_counts(adata, # AnnData (in memory or backed) or a path `read_anndat
     where, matrix, var, info = _pick_counts(adata, layer, use_raw, tolerance)
     if 0 in matrix.shape: raise DataError(f"{where} is empty ({matrix.shape[0]} cells × {matrix.shape[1]} genes): nothing to model.")
     merge, var = _duplicate_plan(var.copy(), where, duplicate_genes)
+    record = dict(source=where, recovered=info["kind"] == "log1p", n_genes_input=int(matrix.shape[1]), n_dropped_empty=0)
     def clean(first, chunk):
         X = _clean_counts(chunk, where, info, tolerance, first)
         if merge is not None: X = sp.csr_matrix(X @ merge)
         keep = _nonempty_cells(X, adata.obs_names[first:first + X.shape[0]], where, empty_cells)
+        record["n_dropped_empty"] += int((~keep).sum())   # complete when the file is closed, after the last block
         return X[keep], keep
-    uns = {"scf_counts": dict(source=where, recovered=info["kind"] == "log1p", n_genes_input=int(matrix.shape[1]))}
-    result = transform_rows(matrix, clean, adata.obs, var, uns, out=out, chunk_size=chunk_size)
-    if out is None: result.uns["scf_counts"]["n_dropped_empty"] = adata.n_obs - result.n_obs
-    return result
+    return transform_rows(matrix, clean, adata.obs, var, {"scf_counts": record}, out=out, chunk_size=chunk_size)
 
 # %% ../nbs/01_data.ipynb #cd8c997f
 QC_COLUMNS = ("total_counts", "n_genes_by_counts", "pct_counts_mt")  # scanpy's names
@@ -459,8 +466,9 @@ def filter_cells(adata: ad.AnnData, # counts in X, in memory or backed
     keep = ~np.logical_or.reduce([np.asarray(m) for m in rules.values()])
     if verbose:
         print(", ".join(f"{name}: {int(np.sum(m))}" for name, m in rules.items()) + f" → kept {int(keep.sum())} of {len(keep)} cells")
-    obs = adata.obs.copy()
-    add_obs_columns(ad.AnnData(obs=obs), metrics, by="filter_cells")
+    holder = ad.AnnData(obs=adata.obs.copy())
+    add_obs_columns(holder, metrics, by="filter_cells")
+    obs = holder.obs
     select = lambda first, chunk: (chunk[keep[first:first + chunk.shape[0]]], keep[first:first + chunk.shape[0]])
     return transform_rows(adata.X, select, obs, adata.var, dict(adata.uns), dict(adata.obsm), out=out, chunk_size=chunk_size)
 

@@ -21,8 +21,8 @@ from .tokenization import CellDataset, collate
 # %% auto #0
 __all__ = ['METRIC_COLUMNS', 'GENE_EMBEDDING_KINDS', 'get_embedding', 'obs_values', 'get_labels', 'pca_baseline', 'knn_graph',
            'leiden_clusters', 'cluster_scores', 'label_silhouette', 'stratified_split', 'sample_cells', 'knn_accuracy',
-           'evaluate_embeddings', 'umap_coordinates', 'plot_embeddings', 'iter_batches', 'embed_cells', 'embed_adata',
-           'gene_embeddings']
+           'evaluate_embeddings', 'umap_coordinates', 'plot_embeddings', 'iter_batches', 'model_tokenizer',
+           'embed_cells', 'embed_adata', 'gene_embeddings']
 
 # %% ../nbs/07_embed.ipynb #752a02a3
 def get_embedding(adata: ad.AnnData, # cells with an embedding in `obsm`
@@ -270,7 +270,7 @@ def iter_batches(adata: ad.AnnData,      # raw counts in X, genes named like the
         yield chosen, batch if device is None else {key: value.to(device) for key, value in batch.items()}
 
 
-def _tokenizer_of(model: SCFModel, tokenizer=None):
+def model_tokenizer(model: SCFModel, tokenizer=None):
     "The tokenizer to read cells with: the one given, else the model's; checked against the model's vocabulary."
     tokenizer = tokenizer or model.tokenizer
     if tokenizer is None:
@@ -287,7 +287,7 @@ def embed_cells(model: SCFModel,          # a model with its tokenizer (from `pr
                 progress: bool = False,   # a tqdm bar
                ) -> np.ndarray:           # (cells × d) float32
     "The model's cell embedding of every chosen cell, without gradients, on the model's device."
-    tokenizer = _tokenizer_of(model, tokenizer)
+    tokenizer = model_tokenizer(model, tokenizer)
     parts = [model.embed(batch).cpu().numpy() for _, batch in iter_batches(adata, tokenizer, cells, batch_size, progress=progress)]
     return np.concatenate(parts) if parts else np.zeros((0, model.config.d_model), np.float32)
 
@@ -326,7 +326,7 @@ def gene_embeddings(model: SCFModel,           # a model with its tokenizer
                    ) -> pd.DataFrame:          # genes × width, indexed by gene
     "Each gene's embedding in the model: its input vector, or its output vector averaged over the cells that hold it."
     if kind not in GENE_EMBEDDING_KINDS: raise DataError(f"kind={kind!r}: use one of {GENE_EMBEDDING_KINDS}.")
-    tokenizer = _tokenizer_of(model, tokenizer)
+    tokenizer = model_tokenizer(model, tokenizer)
     genes = [str(gene) for gene in (genes if genes is not None else adata.var_names if adata is not None else tokenizer.vocab.genes)]
     ids = torch.as_tensor(tokenizer.vocab.ids(genes, unknown="ignore"))
     if (ids < 0).any(): raise DataError(f"genes {[g for g, i in zip(genes, ids) if i < 0][:5]} are not in the model's vocabulary: use genes it was trained on.")

@@ -11,17 +11,14 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from .data import DataError
-from .evaluate import log_normalise
+from .data import DataError, log_normalise
+from .evaluate import model_tokenizer, gene_embeddings, iter_batches, sample_cells
 from .model import TokenLayout, encoder_keep
-from .tokenization import CellDataset, collate
 
 # %% auto #0
-__all__ = ['truth_edges', 'long_scores', 'auprc_table', 'correlation_baseline', 'input_gene_embeddings',
-           'contextual_gene_embeddings', 'edge_scores_from_embeddings', 'attention_weights', 'AttentionRecorder',
-           'edge_scores_from_attention', 'grn_benchmark']
+__all__ = ['truth_edges', 'long_scores', 'auprc_table', 'correlation_baseline', 'edge_scores_from_embeddings',
+           'attention_weights', 'AttentionRecorder', 'edge_scores_from_attention', 'grn_benchmark']
 
 # %% ../nbs/12_grn.ipynb #598829b7
 def truth_edges(adata: ad.AnnData, # a simulated AnnData (`simulate`), with uns["truth"]
@@ -103,58 +100,6 @@ def _token_ids(vocab, genes) -> np.ndarray:
     if (ids < 0).any(): raise DataError(f"genes {[n for n, i in zip(names, ids) if i < 0][:5]} are not in the model's vocabulary: use genes it was trained on.")
     return ids
 
-
-def input_gene_embeddings(model,  # an `SCFModel`
-                          vocab,  # its `Vocab`
-                          genes,  # gene names
-                         ) -> pd.DataFrame:
-    "The model's input embedding of each gene (genes × d): its gene-embedding module's output for the gene's token."
-    ids = torch.as_tensor(_token_ids(vocab, genes), device=next(model.parameters()).device)
-    with torch.no_grad(): table = model.embedding.gene(ids).float().cpu().numpy()
-    return pd.DataFrame(table, index=pd.Index([str(gene) for gene in genes], name="gene"))
-
-# %% ../nbs/12_grn.ipynb #8d7209e0
-def _chosen_cells(n_obs: int, max_cells: int | None, seed: int) -> np.ndarray:
-    cells = np.arange(n_obs)
-    if max_cells is not None and n_obs > max_cells: cells = np.sort(np.random.default_rng(seed).choice(n_obs, max_cells, replace=False))
-    return cells
-
-
-def _on_device(batch: dict, model) -> dict:
-    "The batch moved to the model's device (the bookkeeping stays on the CPU copy)."
-    device = next(model.parameters()).device
-    return {key: value.to(device) for key, value in batch.items()}
-
-
-def _batches(adata: ad.AnnData, tokenizer, cells: np.ndarray, batch_size: int):
-    dataset = CellDataset(adata, tokenizer)
-    for start in range(0, len(cells), batch_size): yield collate(dataset.__getitems__(cells[start:start + batch_size]))
-
-
-def contextual_gene_embeddings(model,              # an `SCFModel`
-                               adata: ad.AnnData,  # raw counts in X (not modified)
-                               tokenizer,          # the tokenizer the model was pretrained with
-                               genes,              # gene names
-                               max_cells: int | None = 500, # cells used (None: all)
-                               batch_size: int = 64, # cells per forward pass
-                               seed: int = 0,      # which cells, when there are more than max_cells
-                              ) -> pd.DataFrame:
-    "Each gene's encoder output averaged over the cells whose input holds it (genes × d); zeros for genes never seen."
-    ids = torch.as_tensor(_token_ids(tokenizer.vocab, genes))
-    slot = torch.full((model.config.vocab_size,), -1, dtype=torch.long); slot[ids] = torch.arange(len(ids))
-    sums, counts = torch.zeros(len(ids), model.config.output_dim), torch.zeros(len(ids))
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for batch in _batches(adata, tokenizer, _chosen_cells(adata.n_obs, max_cells, seed), batch_size):
-            hidden = model(_on_device(batch, model))["hidden"].float().cpu()    # (B, L, d)
-            where = slot[batch["input_ids"]].masked_fill(~batch["attention_mask"], -1)
-            found = where >= 0
-            sums.index_add_(0, where[found], hidden[found]); counts.index_add_(0, where[found], torch.ones(int(found.sum())))
-    model.train(was_training)
-    means = (sums / counts.clamp(min=1)[:, None]).numpy()
-    return pd.DataFrame(means, index=pd.Index([str(gene) for gene in genes], name="gene"))
-
 # %% ../nbs/12_grn.ipynb #2b562860
 def edge_scores_from_embeddings(gene_embeddings: pd.DataFrame, # genes × d (rows named by gene)
                                 regulators,                    # regulator gene names (rows present)
@@ -204,7 +149,7 @@ class AttentionRecorder:
 # %% ../nbs/12_grn.ipynb #a3dd4341
 def edge_scores_from_attention(model,               # an `SCFModel`
                                adata: ad.AnnData,   # raw counts in X (not modified)
-                               tokenizer,           # the tokenizer the model was pretrained with
+                               tokenizer,           # the tokenizer the model was pretrained with (None: `model.tokenizer`)
                                regulators,          # regulator gene names
                                targets,             # target gene names
                                layers=None,         # encoder layers to average (None: all)
@@ -216,13 +161,14 @@ def edge_scores_from_attention(model,               # an `SCFModel`
     "Mean attention between regulator and target tokens over cells where both appear, as (regulator, target, score)."
     if direction not in ("target_to_regulator", "both"): raise DataError(f"direction={direction!r}: use 'target_to_regulator' or 'both'.")
     _gene_columns(adata, [*regulators, *targets])
+    tokenizer = model_tokenizer(model, tokenizer)
     names = list(dict.fromkeys([str(gene) for gene in [*regulators, *targets]]))
     ids = torch.as_tensor(_token_ids(tokenizer.vocab, names))
     slot = torch.full((model.config.vocab_size,), -1, dtype=torch.long); slot[ids] = torch.arange(len(ids))
     sums, counts = torch.zeros(len(names), len(names)), torch.zeros(len(names), len(names))
-    for batch in _batches(adata, tokenizer, _chosen_cells(adata.n_obs, max_cells, seed), batch_size):
+    for _, batch in iter_batches(adata, tokenizer, sample_cells(adata.n_obs, max_cells, seed), batch_size):
         keep = encoder_keep(batch, model.config)
-        with AttentionRecorder(model, layers) as recorder: model.embed(_on_device(batch, model))
+        with AttentionRecorder(model, layers) as recorder: model.embed(batch)  # moved to the model's device; bookkeeping on the CPU
         # each token's gene slot, laid out on the encoder's grid like the attention maps (-1: other tokens, padding)
         grid_slot = TokenLayout.from_keep(keep).to_grid(slot[batch["input_ids"][keep]][:, None] + 1).squeeze(-1) - 1
         query, key = grid_slot[:, :, None].expand(-1, -1, grid_slot.shape[1]), grid_slot[:, None, :].expand(-1, grid_slot.shape[1], -1)
@@ -238,17 +184,16 @@ def edge_scores_from_attention(model,               # an `SCFModel`
     return long_scores(matrix, regulators, targets)
 
 # %% ../nbs/12_grn.ipynb #70f33eaf
-def grn_benchmark(model, adata: ad.AnnData, tokenizer, # the model, simulated counts (not modified), its tokenizer
+def grn_benchmark(model, adata: ad.AnnData, tokenizer=None, # the model, simulated counts (not modified), its tokenizer (None: the model's)
                   max_cells: int | None = 300, # cells for contextual embeddings and attention
                   seed: int = 0,               # which cells
                  ) -> tuple[pd.DataFrame, dict]:
     "(AUPRC table of embedding, attention and correlation scores against the simulator's network; the scores)."
     truth = truth_edges(adata)
     regulators, targets = [str(gene) for gene in adata.uns["truth"]["tfs"]], [str(gene) for gene in adata.var_names]
+    embeddings = {kind: gene_embeddings(model, adata, targets, kind, max_cells, seed=seed, tokenizer=tokenizer) for kind in ("input", "contextual")}
     scores = {
-        "model: input embedding cosine": edge_scores_from_embeddings(input_gene_embeddings(model, tokenizer.vocab, targets), regulators, targets),
-        "model: contextual embedding cosine": edge_scores_from_embeddings(
-            contextual_gene_embeddings(model, adata, tokenizer, targets, max_cells, seed=seed), regulators, targets),
+        **{f"model: {kind} embedding cosine": edge_scores_from_embeddings(table, regulators, targets) for kind, table in embeddings.items()},
         "model: attention target→regulator": edge_scores_from_attention(model, adata, tokenizer, regulators, targets, max_cells=max_cells, seed=seed),
         "baseline: |Pearson|": correlation_baseline(adata, regulators, targets, "pearson"),
         "baseline: |Spearman|": correlation_baseline(adata, regulators, targets, "spearman"),

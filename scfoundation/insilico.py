@@ -11,10 +11,9 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .data import DataError
-from .evaluate import log_normalise
+from .data import DataError, log_normalise
+from .evaluate import model_tokenizer, embed_cells, iter_batches
 from .simulate import propagate
-from .tokenization import CellDataset, collate
 
 # %% auto #0
 __all__ = ['PERTURBATION_MODES', 'remove_tokens', 'insert_front', 'perturb_batch', 'shift_measures', 'insilico_perturb',
@@ -57,33 +56,21 @@ def insert_front(batch: dict,   # a `collate` batch
 # %% ../nbs/11_insilico.ipynb #91a73b5d
 PERTURBATION_MODES = ("delete", "overexpress")
 
-def _top_values(batch: dict, config) -> dict:
-    "Per cell, the value an overexpressed gene gets: the top bin, or the cell's highest value."
-    fill = {"input_ids": None, "attention_mask": True}
-    if "value_ids" in batch: fill["value_ids"] = config.n_bins
-    if "values" in batch:
-        fill["values"] = batch["values"].masked_fill(~batch["attention_mask"], 0).max(dim=1).values
-        fill["expressed_mask"] = True
-    return fill
-
-
 def perturb_batch(batch: dict,    # a `collate` batch
                   token_id: int,  # the gene's token id in the model's vocabulary
                   mode: str,      # "delete" | "overexpress"
-                  config,         # the model's `ModelConfig` (input_kind, n_bins, max_len)
+                  config,         # the model's `ModelConfig` (its input kind, n_bins, max_len)
                  ) -> dict:
-    "The batch with one gene deleted or overexpressed in every cell (rank: remove / move to front; values: zero / top)."
+    "The batch with one gene deleted or overexpressed in every cell, as the model's input kind reads expression."
     if mode not in PERTURBATION_MODES: raise DataError(f"mode={mode!r}: use one of {PERTURBATION_MODES}.")
-    is_gene = (batch["input_ids"] == token_id) & batch["attention_mask"]
+    kind, is_gene = config.kind, (batch["input_ids"] == token_id) & batch["attention_mask"]
     if mode == "overexpress":
-        fill = {**_top_values(batch, config), "input_ids": token_id}
+        fill = {"input_ids": token_id, "attention_mask": True, "expressed_mask": True}
+        if kind.top_value is not None: fill[kind.target_key] = kind.top_value(batch, config)  # else: first place only
         return insert_front(remove_tokens(batch, is_gene), fill, config.max_len)
-    if config.input_kind == "rank": return remove_tokens(batch, is_gene)
-    out = dict(batch)
-    if "value_ids" in batch: out["value_ids"] = batch["value_ids"].masked_fill(is_gene, 1)  # bin 1: zero expression
-    if "values" in batch:
-        out["values"] = batch["values"].masked_fill(is_gene, 0.0)
-        if "expressed_mask" in batch: out["expressed_mask"] = batch["expressed_mask"] & ~is_gene
+    if kind.unexpressed is None: return remove_tokens(batch, is_gene)
+    out = dict(batch, **{kind.target_key: batch[kind.target_key].masked_fill(is_gene, kind.unexpressed)})
+    if "expressed_mask" in batch: out["expressed_mask"] = batch["expressed_mask"] & ~is_gene
     return out
 
 # %% ../nbs/11_insilico.ipynb #b6b9f467
@@ -120,15 +107,6 @@ def _gene_token_ids(genes, vocab, adata: ad.AnnData) -> np.ndarray:
     return ids
 
 # %% ../nbs/11_insilico.ipynb #3db80034
-def _embed_cells(model, adata: ad.AnnData, tokenizer, indices: np.ndarray, batch_size: int):
-    "Collated batches of the chosen cells, on the model's device, and their embeddings (n, d)."
-    dataset, device = CellDataset(adata, tokenizer), next(model.parameters()).device
-    batches = [{key: value.to(device) for key, value in collate(dataset.__getitems__(indices[start:start + batch_size])).items()}
-               for start in range(0, len(indices), batch_size)]
-    embeddings = np.concatenate([model.embed(batch).cpu().numpy() for batch in batches]) if batches else np.zeros((0, model.config.d_model))
-    return batches, embeddings
-
-
 def _select_rows(batch: dict, rows: torch.Tensor) -> dict:
     "The batch restricted to some cells, re-padded to their longest row."
     width = max(int(batch["attention_mask"][rows].sum(1).max()), 1)
@@ -152,7 +130,7 @@ def _gene_shifts(model, batches, original, token_id, mode, source_mean, target_m
 def insilico_perturb(model,                # a pretrained `SCFModel`
                      adata: ad.AnnData,    # raw counts in X (not modified)
                      genes,                # gene names to perturb, one at a time
-                     tokenizer,            # the tokenizer the model was pretrained with (its vocab names the genes)
+                     tokenizer,            # the tokenizer the model was pretrained with (None: `model.tokenizer`)
                      source,               # bool mask over cells: the cells to perturb
                      target,               # bool mask over cells: the state to move toward
                      mode: str = "delete", # "delete" | "overexpress"
@@ -163,12 +141,14 @@ def insilico_perturb(model,                # a pretrained `SCFModel`
     "Per gene: mean shift of the source cells' embedding toward the target state when the gene is deleted or overexpressed."
     if mode not in PERTURBATION_MODES: raise DataError(f"mode={mode!r}: use one of {PERTURBATION_MODES}.")
     source, target = _cell_mask(source, adata.n_obs, "source"), _cell_mask(target, adata.n_obs, "target")
+    tokenizer = model_tokenizer(model, tokenizer)
     token_ids = _gene_token_ids(genes, tokenizer.vocab, adata)
     chosen = np.flatnonzero(source)
     if max_cells is not None and len(chosen) > max_cells: chosen = np.sort(np.random.default_rng(seed).choice(chosen, max_cells, replace=False))
-    batches, original = _embed_cells(model, adata, tokenizer, chosen, batch_size)
-    _, target_embeddings = _embed_cells(model, adata, tokenizer, np.flatnonzero(target), batch_size)
-    source_mean, target_mean = original.mean(0), target_embeddings.mean(0)
+    batches = [batch for _, batch in iter_batches(adata, tokenizer, chosen, batch_size, device=model.device)]
+    original = np.concatenate([model.embed(batch).cpu().numpy() for batch in batches])
+    source_mean = original.mean(0)
+    target_mean = embed_cells(model, adata, np.flatnonzero(target), tokenizer, batch_size).mean(0)
     rows = [_gene_shifts(model, batches, original, token_id, mode, source_mean, target_mean) for token_id in token_ids]
     table = pd.DataFrame(rows, index=pd.Index([genes] if isinstance(genes, str) else list(genes), name="gene"))
     return table.assign(n_cells=len(chosen))
@@ -260,7 +240,7 @@ def candidate_genes(adata: ad.AnnData,      # raw counts in X
     return list(adata.var_names[expressed >= min_expressed])
 
 
-def insilico_benchmark(model, adata: ad.AnnData, tokenizer, # the model, simulated counts (not modified), its tokenizer
+def insilico_benchmark(model, adata: ad.AnnData, tokenizer, # the model, simulated counts (not modified), its tokenizer (None: the model's)
                        source_type: str, target_type: str,  # cell types in obs["cell_type"]
                        mode: str = "delete",        # "delete" | "overexpress"
                        min_expressed: float = 0.2,  # candidate genes: expressed in this share of source cells

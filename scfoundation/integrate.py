@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .data import DataError
-from .evaluate import cluster_scores, get_embedding, get_labels, leiden_clusters, umap_coordinates
+from .data import DataError, new_figure
+from .evaluate import cluster_scores, get_embedding, get_labels, leiden_clusters, obs_values, umap_coordinates
 
 # %% auto #0
 __all__ = ['BATCH_METRICS', 'BIO_METRICS', 'SCORE_COLUMNS', 'batch_asw', 'knn_indices', 'knn_ilisi', 'graph_connectivity',
@@ -109,16 +109,7 @@ def get_batches(adata: ad.AnnData, # cells with a batch column in `obs`
                 batch_key: str,    # the `obs` column, e.g. "batch"
                ) -> np.ndarray:
     "`adata.obs[batch_key]` as strings, checked to be complete with at least two batches."
-    if batch_key not in adata.obs:
-        raise DataError(f"obs[{batch_key!r}] not found (obs has {list(adata.obs.columns)}). "
-                        "Pass batch_key= the column that names each cell's batch (sample, run, donor).")
-    column = adata.obs[batch_key]
-    if column.isna().any():
-        raise DataError(f"obs[{batch_key!r}] is missing for {int(column.isna().sum())} cells: fill or drop them first.")
-    batches = column.astype(str).to_numpy()
-    if len(np.unique(batches)) < 2:
-        raise DataError(f"obs[{batch_key!r}] holds a single batch: integration needs at least two batches.")
-    return batches
+    return obs_values(adata, batch_key, "batch_key", "batches")
 
 # %% ../nbs/09_integrate.ipynb #0be8bf5a
 def _score_embedding(embedding: np.ndarray, labels: np.ndarray, batches: np.ndarray, n_neighbors: int, seed: int) -> dict:
@@ -178,11 +169,10 @@ def plot_integration(adata: ad.AnnData,           # cells with embeddings in obs
                      seed: int = 0,                # UMAP seed
                     ):
     "UMAP of each embedding coloured by batch (top) and by cell type (bottom); returns the figure."
-    import matplotlib.pyplot as plt
     if isinstance(keys, str): keys = [keys]
     colourings = {batch_key: get_batches(adata, batch_key), label_key: get_labels(adata, label_key)}
     embeddings = {key: get_embedding(adata, key) for key in keys}
-    fig, axes = plt.subplots(2, len(keys), figsize=(3.6 * len(keys) + 1.5, 7), squeeze=False)
+    fig, axes = new_figure(len(keys), 2, figsize=(3.6 * len(keys) + 1.5, 7), squeeze=False)
     for column, (key, embedding) in enumerate(embeddings.items()):
         coordinates = umap_coordinates(embedding, seed=seed)
         for row, (name, values) in enumerate(colourings.items()):

@@ -15,13 +15,13 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .data import DataError
-from .evaluate import log_normalise
+from .data import DataError, log_normalise, new_figure
+from .evaluate import gene_embeddings
 from .simulate import PERTURBATION_KINDS, parse_perturbation
 
 # %% auto #0
 __all__ = ['design_perturbations', 'split_perturbations', 'observed_response', 'true_response', 'mean_baseline',
-           'additive_baseline', 'gene_embeddings', 'resolve_perturbation', 'PerturbationHead', 'fit_perturbation_model',
+           'additive_baseline', 'resolve_perturbation', 'PerturbationHead', 'fit_perturbation_model',
            'predict_response', 'response_scores', 'plot_response', 'perturbation_benchmark']
 
 # %% ../nbs/10_perturb.ipynb #15d3530a
@@ -118,37 +118,6 @@ def additive_baseline(train_responses: pd.DataFrame, # observed responses, singl
         seen = all(part in train_responses.index for part in parts) and len(parts) > 1
         rows.append(train_responses.loc[parts].sum(axis=0).to_numpy() if seen else np.full(train_responses.shape[1], np.nan))
     return pd.DataFrame(np.array(rows).reshape(len(specs), -1), index=pd.Index(list(specs), name="perturbation"), columns=train_responses.columns)
-
-# %% ../nbs/10_perturb.ipynb #294210ae
-@torch.no_grad()
-def gene_embeddings(model: nn.Module,      # a pretrained `SCFModel`
-                    adata: ad.AnnData,     # raw counts, genes named like the model's vocabulary
-                    tokenizer,             # the tokenizer the model was pretrained with
-                    max_cells: int = 300,  # cells to average over (a seeded sample above this)
-                    batch_size: int = 64,  # cells per forward pass
-                    seed: int = 0,         # seed of the cell sample
-                   ) -> np.ndarray:
-    "(genes × d) contextual gene embeddings: the encoder output at each gene's token, averaged over cells."
-    from scfoundation.tokenization import CellDataset, collate
-    token_ids = torch.as_tensor(tokenizer.vocab.ids(adata.var_names.astype(str)), dtype=torch.long)  # raises on unknown genes
-    rng = np.random.default_rng(seed)
-    cells = np.sort(rng.choice(adata.n_obs, max_cells, replace=False)) if adata.n_obs > max_cells else np.arange(adata.n_obs)
-    dataset, was_training = CellDataset(adata[cells], tokenizer), model.training
-    width = model.config.output_dim                                              # d_model, or the decoder's width
-    sums = torch.zeros(model.config.vocab_size, width)
-    counts = torch.zeros(model.config.vocab_size)
-    model.eval()
-    for start in range(0, len(dataset), batch_size):
-        batch = collate(dataset.__getitems__(np.arange(start, min(start + batch_size, len(dataset)))))
-        hidden = model(batch)["hidden"].float()                                  # (B, L, width)
-        real = batch["attention_mask"].clone(); real[:, 0] = False              # gene tokens, not <cls>
-        sums.index_add_(0, batch["input_ids"][real], hidden[real])
-        counts.index_add_(0, batch["input_ids"][real], torch.ones(int(real.sum())))
-    model.train(was_training)
-    every_token = torch.arange(model.config.vocab_size, device=next(model.parameters()).device)
-    fallback = model.embedding.gene(every_token).float().cpu() if width == model.config.d_model else torch.zeros(len(sums), width)
-    contextual = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], fallback)
-    return contextual[token_ids].numpy()
 
 # %% ../nbs/10_perturb.ipynb #68a4c3c7
 def resolve_perturbation(spec: str,              # e.g. "ko:tf3+oe:GATA1"
@@ -255,11 +224,11 @@ def plot_response(predictions: dict,   # method name -> DataFrame of predicted c
                   spec: str,           # the perturbation to show
                  ):
     "Scatter of predicted vs true change over genes, one panel per method; returns the figure."
-    import matplotlib.pyplot as plt
     methods = [name for name, table in predictions.items() if not np.isnan(table.loc[spec].to_numpy(float)).any()]
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.2), squeeze=False, sharex=True, sharey=True)
+    fig, axes = new_figure(len(methods), figsize=(3.2 * len(methods), 3.2), squeeze=False)
     true = truth.loc[spec].to_numpy(float)
     for axis, method in zip(axes[0], methods):
+        if axis is not axes[0, 0]: axis.sharex(axes[0, 0]); axis.sharey(axes[0, 0])
         axis.scatter(true, predictions[method].loc[spec, truth.columns].to_numpy(float), s=6)
         axis.axline((0, 0), slope=1, color="k", lw=0.8, ls=":")
         axis.set(title=method, xlabel="true change")
@@ -268,7 +237,7 @@ def plot_response(predictions: dict,   # method name -> DataFrame of predicted c
     return fig
 
 # %% ../nbs/10_perturb.ipynb #da7deb0a
-def perturbation_benchmark(model, adata: ad.AnnData, tokenizer, # the model, cells labelled by perturbation (raw counts), its tokenizer
+def perturbation_benchmark(model, adata: ad.AnnData, tokenizer=None, # the model, cells labelled by perturbation (raw counts), its tokenizer (None: the model's)
                            perturbation_key: str = "perturbation", # obs column naming each cell's perturbation
                            control: str = "control", # the label of unperturbed cells
                            perturbations=None,       # the specs in the order the split draws from (default: all observed, sorted)
@@ -283,7 +252,8 @@ def perturbation_benchmark(model, adata: ad.AnnData, tokenizer, # the model, cel
     if groups.empty or train.empty:
         raise DataError(f"{len(observed)} perturbations are too few to hold some out: measure at least 4 singles.")
     controls = adata[(adata.obs[perturbation_key].astype(str) == control).to_numpy()]
-    embedding = gene_embeddings(model, controls, tokenizer, max_cells=max_cells, seed=seed)
+    embedding = gene_embeddings(model, controls, genes=list(adata.var_names), kind="contextual", max_cells=max_cells,
+                                seed=seed, tokenizer=tokenizer).to_numpy()
     tfs = [str(tf) for tf in adata.uns["truth"]["tfs"]] if simulated else None
     head, specs = fit_perturbation_model(embedding, train, tfs=tfs, seed=seed), list(groups.index)
     predictions = {"model: head on gene embeddings": predict_response(head, specs),

@@ -10,6 +10,7 @@ import importlib.resources
 import io
 import gzip
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from anndata import AnnData
 from torch import nn
 
+from .data import log_normalise
 from .genes import GeneError, Vocab, gene_table, map_genes, SPECIAL_TOKENS
 from .model import ModelConfig, ModelError, SCFModel, register_extension
 
@@ -27,8 +29,7 @@ from .model import ModelConfig, ModelError, SCFModel, register_extension
 __all__ = ['GENE_SET_SOURCES', 'CHROMOSOMES', 'PRIOR_SOURCES', 'PRIOR_FORMAT', 'PRIOR_FILE', 'HOMOLOGY_COLUMNS', 'PriorError',
            'filter_gene_sets', 'gene_sets', 'gene_set_features', 'coexpression_features', 'chromosome_features',
            'PriorFeatures', 'build_prior_features', 'PriorGeneEmbedding', 'add_prior', 'set_prior_sources',
-           'save_prior_model', 'load_prior_model', 'read_homology_table', 'homology_vocab_map',
-           'homology_coverage_report']
+           'prior_sources', 'read_homology_table', 'homology_vocab_map', 'homology_coverage_report']
 
 # %% ../nbs/13_prior.ipynb #a683ca1d
 class PriorError(GeneError):
@@ -128,13 +129,6 @@ def gene_set_features(vocab: Vocab,  # the vocabulary the vectors are indexed by
     return vectors.astype(np.float32), missing
 
 # %% ../nbs/13_prior.ipynb #2ccd20dc
-def _log_normalised(counts: sp.csr_matrix, target_sum: float = 1e4) -> sp.csr_matrix:
-    "log1p(counts / total × target_sum), sparse."
-    totals = np.asarray(counts.sum(1)).ravel()
-    scaled = sp.diags(target_sum / np.maximum(totals, 1e-12)) @ counts
-    return sp.csr_matrix(scaled).log1p()
-
-
 def _standardised_operator(matrix: sp.csr_matrix, mean: np.ndarray, scale: np.ndarray):
     "LinearOperator of (matrix - mean) / scale, without densifying."
     from scipy.sparse.linalg import LinearOperator
@@ -156,7 +150,7 @@ def _corpus_matrix(corpus: AnnData, vocab: Vocab) -> sp.csr_matrix:
         raise PriorError("the corpus holds negative values; pass raw counts (see data.prepare_counts).")
     kept = np.flatnonzero(token_ids >= 0)
     mapping = sp.csr_matrix((np.ones(len(kept)), (kept, token_ids[kept])), shape=(corpus.n_vars, len(vocab)))
-    return _log_normalised(sp.csr_matrix(counts @ mapping))
+    return log_normalise(AnnData(X=sp.csr_matrix(counts @ mapping))).astype(np.float64)
 
 # %% ../nbs/13_prior.ipynb #d606d794
 def coexpression_features(corpus: AnnData,  # counts, var_names = vocabulary tokens (`map_genes` output)
@@ -209,6 +203,7 @@ def chromosome_features(vocab: Vocab,  # the vocabulary the vectors are indexed 
 
 # %% ../nbs/13_prior.ipynb #3d9e840a
 PRIOR_SOURCES = GENE_SET_SOURCES + ("coexpression", "chromosome")
+PRIOR_FORMAT = "scfoundation.prior"
 
 
 @dataclass
@@ -231,6 +226,36 @@ class PriorFeatures:
         known = {source: n_genes - int(flags.sum()) for source, flags in self.missing.items()}
         return pd.DataFrame({"genes": known, "fraction": {s: k / n_genes for s, k in known.items()},
                              "dim": self.dims()}).rename_axis("source")
+
+    def save(self, path) -> Path:
+        "Write the vectors and flags as safetensors; sources, version and info in its metadata."
+        from safetensors.numpy import save_file
+        tensors = {}
+        for source in self.sources:
+            tensors[f"{source}/vectors"] = np.ascontiguousarray(self.vectors[source], np.float32)
+            tensors[f"{source}/missing"] = self.missing[source].astype(np.uint8)
+        header = {"format": PRIOR_FORMAT, "sources": list(self.sources), "vocab_version": self.vocab_version,
+                  "info": self.info}
+        save_file(tensors, str(path), metadata={"scfoundation": json.dumps(header)})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path) -> PriorFeatures:
+        "Read features written by `PriorFeatures.save`."
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="numpy") as handle:
+                header = json.loads((handle.metadata() or {}).get("scfoundation", "{}"))
+                arrays = {key: handle.get_tensor(key) for key in handle.keys()}
+        except FileNotFoundError: raise
+        except Exception as error:
+            raise PriorError(f"{path} is not a readable safetensors file ({error}); save it again with "
+                             "PriorFeatures.save().") from None
+        if header.get("format") != PRIOR_FORMAT:
+            raise PriorError(f"{path} holds no scfoundation prior features; pass a file written by PriorFeatures.save().")
+        vectors = {s: arrays[f"{s}/vectors"] for s in header["sources"]}
+        missing = {s: arrays[f"{s}/missing"].astype(bool) for s in header["sources"]}
+        return cls(vectors, missing, header["vocab_version"], header.get("info", {}))
 
 # %% ../nbs/13_prior.ipynb #d1400163
 def _check_sources(sources) -> tuple:
@@ -261,42 +286,6 @@ def build_prior_features(vocab: Vocab,  # vectors are indexed by this vocabulary
     info = {"dim": dim, "seed": seed, "gene_sets": "scfoundation/assets/gene_sets_human.tsv.gz",
             "corpus_cells": None if corpus is None else int(corpus.n_obs)}
     return PriorFeatures(vectors, missing, vocab.version, info)
-
-# %% ../nbs/13_prior.ipynb #0a81d1c3
-PRIOR_FORMAT = "scfoundation.prior"
-
-
-def _save_features(self: PriorFeatures, path) -> Path:
-    "Write the vectors and flags as safetensors; sources, version and info in its metadata."
-    from safetensors.numpy import save_file
-    tensors = {}
-    for source in self.sources:
-        tensors[f"{source}/vectors"] = np.ascontiguousarray(self.vectors[source], np.float32)
-        tensors[f"{source}/missing"] = self.missing[source].astype(np.uint8)
-    header = {"format": PRIOR_FORMAT, "sources": list(self.sources), "vocab_version": self.vocab_version,
-              "info": self.info}
-    save_file(tensors, str(path), metadata={"scfoundation": json.dumps(header)})
-    return Path(path)
-
-
-def _load_features(cls, path) -> PriorFeatures:
-    "Read features written by `PriorFeatures.save`."
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            header = json.loads((handle.metadata() or {}).get("scfoundation", "{}"))
-            arrays = {key: handle.get_tensor(key) for key in handle.keys()}
-    except FileNotFoundError: raise
-    except Exception as error:
-        raise PriorError(f"{path} is not a readable safetensors file ({error}); save it again with "
-                         "PriorFeatures.save().") from None
-    if header.get("format") != PRIOR_FORMAT:
-        raise PriorError(f"{path} holds no scfoundation prior features; pass a file written by PriorFeatures.save().")
-    vectors = {s: arrays[f"{s}/vectors"] for s in header["sources"]}
-    missing = {s: arrays[f"{s}/missing"].astype(bool) for s in header["sources"]}
-    return cls(vectors, missing, header["vocab_version"], header.get("info", {}))
-
-PriorFeatures.save, PriorFeatures.load = _save_features, classmethod(_load_features)
 
 # %% ../nbs/13_prior.ipynb #904798d4
 def _module_name(source: str) -> str: return source.replace(":", "_")
@@ -363,6 +352,19 @@ def set_prior_sources(model: SCFModel,  # a model with a prior (see `add_prior`)
     prior.active = sources
     return model
 
+
+@contextmanager
+def prior_sources(model: SCFModel,  # a model with a prior, or without one when `sources` is empty
+                  sources,  # the sources on inside the block (`[]`: the learned gene embedding alone)
+                 ):
+    "Only `sources` of the model's prior on inside a `with` block; the sources that were on come back after it."
+    before = getattr(model.embedding.gene, "active", None)
+    if before is None and not len(sources):   # no prior: the model is its learned embedding already
+        yield model; return
+    set_prior_sources(model, sources)
+    try: yield model
+    finally: model.embedding.gene.active = before
+
 # %% ../nbs/13_prior.ipynb #f79c096f
 PRIOR_FILE = "prior.json"
 
@@ -407,20 +409,6 @@ def _rebuild_prior(model: SCFModel, header: dict, directory: Path):
 
 
 register_extension(PRIOR_FILE, _describe_prior, _rebuild_prior)
-
-# %% ../nbs/13_prior.ipynb #0480764b
-def save_prior_model(model: SCFModel,  # a model, with or without a prior
-                     directory,  # folder to write (created if needed)
-                    ) -> Path:
-    "The same as `model.save_pretrained(directory)`, which writes `prior.json` for a model with a prior."
-    return model.save_pretrained(directory)
-
-
-def load_prior_model(directory,  # folder written by `save_pretrained` (or `save_prior_model`)
-                     vocab=None,  # a `Vocab` (or version) to check against
-                    ) -> SCFModel:
-    "The same as `SCFModel.from_pretrained(directory, vocab=vocab)`, which rebuilds the prior from `prior.json`."
-    return SCFModel.from_pretrained(directory, vocab=vocab)
 
 # %% ../nbs/13_prior.ipynb #b647775b
 HOMOLOGY_COLUMNS = ("species_gene", "human_gene")

@@ -26,9 +26,9 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .data import Config, read_anndata, sha256_file
+from .data import Config, DataError, read_anndata, sha256_file
 from .genes import Vocab
-from .model import ModelConfig, SCFModel, extension_files, extension_headers, mask_batch
+from .model import ModelConfig, ModelError, SCFModel, extension_files, extension_headers, mask_batch
 from .tokenization import CellDataset, collate, compute_gene_medians, tokenizer_for
 
 # %% auto #0
@@ -49,7 +49,7 @@ class CheckpointError(ValueError):
 @dataclass
 class TrainConfig(Config):
     "Everything the pretraining loop needs besides the model and the data; saved as JSON."
-    error = ValueError
+    error = DataError  # a ValueError: bad settings are bad input
     steps: int = 300            # optimizer steps in the whole run
     batch_size: int = 32        # cells per optimizer step (the global batch, over all processes)
     grad_accum: int = 1         # micro-batches per step: each holds batch_size // grad_accum cells
@@ -79,7 +79,7 @@ class TrainConfig(Config):
         if not 0 <= self.min_lr_ratio <= 1: problems.append(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
         if self.warmup_steps < 0 or self.save_every < 0 or self.log_every < 1 or self.num_workers < 0:
             problems.append("warmup_steps, save_every and num_workers must be >= 0, log_every >= 1")
-        if problems: raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+        if problems: raise self.error("invalid TrainConfig: " + "; ".join(problems))
 
 # %% ../nbs/06_pretrain.ipynb #524be79f
 def learning_rate(step: int,            # 0-based optimizer step
@@ -101,7 +101,7 @@ def micro_batch_indices(step: int,           # 0-based optimizer step
     micro_size = config.batch_size // config.grad_accum
     per_epoch = n_cells // micro_size
     if per_epoch == 0:
-        raise ValueError(f"the data hold {n_cells} cells, fewer than one micro-batch of {micro_size}: lower batch_size")
+        raise DataError(f"the data hold {n_cells} cells, fewer than one micro-batch of {micro_size}: lower batch_size")
     batches = []
     for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
         epoch, position = divmod(micro, per_epoch)
@@ -127,7 +127,7 @@ def accumulate_gradients(model: torch.nn.Module,  # the model (or its DDP / FSDP
                            sum(int(batch["attention_mask"].sum()) for batch in masked_batches)], dtype=torch.float64)
     if world_size > 1: dist.all_reduce(counts)                       # the global N, and the global token count
     total_masked = int(counts[0])
-    if total_masked == 0: raise ValueError("no gene was masked in this step: are the cells empty?")
+    if total_masked == 0: raise DataError("no gene was masked in this step: are the cells empty?")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     loss_sum = torch.zeros((), device=device)
     for index, batch in enumerate(masked_batches):
@@ -314,7 +314,7 @@ class CellBatches:
                  rank: int = 0, world_size: int = 1): # this process, of how many
         micro = train_config.batch_size // train_config.grad_accum
         if micro % world_size:
-            raise ValueError(f"a micro-batch of {micro} cells does not split over {world_size} processes: "
+            raise DataError(f"a micro-batch of {micro} cells does not split over {world_size} processes: "
                              f"make batch_size // grad_accum a multiple of {world_size}")
         micro_batch_indices(0, len(dataset), train_config)          # refuses data smaller than one micro-batch
         self.dataset, self.train_config, self.rank, self.world_size = dataset, train_config, rank, world_size
@@ -390,7 +390,7 @@ def build_model(model,                      # a ModelConfig (a new model), or an
     else:
         config = model.config
         if config.vocab_size != len(vocab) or config.vocab_version not in (None, vocab.version):
-            raise ValueError(f"the model was built for a vocabulary of {config.vocab_size} tokens (version {config.vocab_version}), "
+            raise ModelError(f"the model was built for a vocabulary of {config.vocab_size} tokens (version {config.vocab_version}), "
                              f"not this one ({len(vocab)}, {vocab.version}): pass the model's vocabulary")
         model.config = replace(config, vocab_version=vocab.version, tokenizer=config.tokenizer or tokenizer.to_dict())
     model.tokenizer = tokenizer
@@ -402,7 +402,7 @@ def resolve_device(name: str, # "auto", "cpu" or "cuda"
     "The torch device for `TrainConfig.device`: 'auto' picks CUDA when present."
     if name == "auto": name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError('device="cuda" but no CUDA GPU is visible: use device="cpu" or "auto"')
+        raise DataError('device="cuda" but no CUDA GPU is visible: use device="cpu" or "auto"')
     if name == "cuda" and "LOCAL_RANK" in os.environ: return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
 
@@ -419,9 +419,9 @@ def setup_distributed(device: torch.device, # the device of this process
 def wrap_model(model: SCFModel, fsdp: bool, world_size: int) -> torch.nn.Module:
     "The module the loop trains: the model itself, DDP around it, or the model sharded in place by FSDP2."
     if fsdp:
-        if world_size == 1: raise ValueError("fsdp=True needs several processes: start the script with torchrun --nproc_per_node=N.")
+        if world_size == 1: raise DataError("fsdp=True needs several processes: start the script with torchrun --nproc_per_node=N.")
         if extension_headers(model):
-            raise ValueError("fsdp=True gathers the shards into fresh models built from the config, which lack the parts you "
+            raise DataError("fsdp=True gathers the shards into fresh models built from the config, which lack the parts you "
                              "added (a prior): pass a ModelConfig, or train this model with DDP (fsdp=False).")
         from torch.distributed.fsdp import fully_shard
         for module in model.modules():
@@ -587,7 +587,8 @@ def pretrain(data,                  # cells: AnnData (in memory or backed), `.h5
     device = resolve_device(train_config.device)
     rank, world_size = setup_distributed(device)
     config = model if isinstance(model, ModelConfig) else model.config
-    stream = training_stream(data, config, train_config, vocab, tokenizer or getattr(model, "tokenizer", None), rank, world_size)
+    tokenizer = tokenizer or _own_tokenizer(model, vocab)
+    stream = training_stream(data, config, train_config, vocab, tokenizer, rank, world_size)
     model = build_model(model, stream.tokenizer, train_config.seed).to(device).train()
     out_dir = _run_folder(out_dir, cache, stream, model, train_config)
     start, history, checkpoint = resume_run(out_dir, resume, model, stream, train_config)
@@ -606,21 +607,29 @@ def pretrain(data,                  # cells: AnnData (in memory or backed), `.h5
     if last == train_config.steps: save_run(out_dir, trained, model, optimizer, fsdp, train_config, {"history": history}, rank, final=True)
     if world_size > 1: dist.barrier()
     model.history = pd.DataFrame(history)
-    return model
+    return model.eval()
 
 # %% ../nbs/06_pretrain.ipynb #loop0002
 def _run_folder(out_dir, cache, stream, model: SCFModel, train_config: TrainConfig) -> Path:
     "The run's folder: `out_dir`, or with `cache` the cache folder of this run's key."
     if not cache: return Path(out_dir if out_dir is not None else "checkpoints/run")
-    if out_dir is not None: raise ValueError("pass out_dir or cache, not both: with cache=True the run lives in the cache folder")
+    if out_dir is not None: raise DataError("pass out_dir or cache, not both: with cache=True the run lives in the cache folder")
     root = default_cache_dir() if cache is True else Path(cache)
     return root / cache_key(stream, model, train_config)
+
+def _own_tokenizer(model, vocab):
+    "The tokenizer of a model that already has one (it keeps reading cells its way); a different `vocab` is refused."
+    own = getattr(model, "tokenizer", None)
+    if own is not None and vocab is not None and vocab.version != own.vocab.version:
+        raise ModelError(f"the model reads cells with vocabulary {own.vocab.version}, not the vocab= given ({vocab.version}): "
+                         "drop vocab=, or build a new model for that vocabulary")
+    return own
 
 def _finished(model: SCFModel, history: list, out_dir: Path, cached: bool, rank: int) -> SCFModel:
     "A run that has done all its steps: the model as the last checkpoint left it, saying so (nothing is trained or written)."
     model.history = pd.DataFrame(history)
     if rank == 0:
-        if cached: print(f"pretrain: loaded the cached run {out_dir} ({len(history)} steps, same data, settings and code)")
+        if cached: print(f"pretrain: loaded the cached run {out_dir.name} ({len(history)} steps, same data, settings and code)")
         else: warnings.warn(f"{out_dir} already holds this finished run of {len(history)} steps: returned it and trained nothing. "
                             "Raise steps to train it further, or pass a new out_dir to start afresh.", UserWarning, stacklevel=3)
     return model.eval()

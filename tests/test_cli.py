@@ -136,3 +136,75 @@ def test_simulate_bad_parameters_are_one_line(tmp_path):
     result = run_scf("simulate", str(tmp_path / "x.h5ad"), "--tfs", "5", "--singles", "9")
     assert result.returncode == 2 and "Traceback" not in result.stderr and "n_singles" in result.stderr
     assert not (tmp_path / "x.h5ad").exists()
+
+
+# --- the version, the built-in data, corpora, torchrun, finished runs ---
+
+def test_version_and_builtin_data(tmp_path):
+    import scfoundation
+    result = run_scf("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"scfoundation {scfoundation.__version__}"
+    assert main(["prepare", "pbmc68k", str(tmp_path / "pbmc.h5ad"), "--min-genes", "50"]) == 0
+    prepared = ad.read_h5ad(tmp_path / "pbmc.h5ad")
+    assert prepared.n_obs == 700 and "entrez_id" in prepared.var and "scf_gene_coverage" in prepared.uns
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pbmc.h5ad"]          # no intermediate file left behind
+
+
+def test_a_second_pretrain_on_a_finished_run_says_so(simulated_run, tmp_path):
+    sim_file, run = simulated_run
+    result = run_scf("pretrain", str(sim_file), "--out", str(run), "--steps", "4", "--batch-size", "16")
+    assert result.returncode == 0 and "trained nothing" in result.stderr and "Traceback" not in result.stderr
+    result = run_scf("pretrain", str(sim_file), "--out", str(tmp_path / "r"), "--steps", "0")
+    assert result.returncode == 2 and "steps=0" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pretrain_on_a_corpus_folder_also_under_torchrun(tmp_path):
+    import os
+    from scfoundation.model import SCFModel
+    pbmc_file = tmp_path / "cells.h5ad"
+    assert main(["simulate", str(pbmc_file), "--cells", "300", "--genes", "60", "--tfs", "6"]) == 0
+    assert main(["build-corpus", str(pbmc_file), "--out", str(tmp_path / "corpus"), "--shard-size", "128", "--workers", "1"]) == 0
+    assert main(["pretrain", str(tmp_path / "corpus"), "--out", str(tmp_path / "one"), "--steps", "3", "--batch-size", "16"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29300 + os.getpid() % 300}",
+              "-m", "scfoundation", "pretrain", str(tmp_path / "corpus"), "--out", str(tmp_path / "two"), "--steps", "3",
+              "--batch-size", "16"]
+    result = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("model in") == 1                                      # only rank 0 prints
+    for name in ("one", "two"):
+        model = SCFModel.from_pretrained(tmp_path / name / "final")
+        assert model.tokenizer is not None and len(model.history if model.history is not None else []) == 0
+        assert len(pd.read_csv(tmp_path / name / "history.csv")) == 3
+    assert main(["embed", str(tmp_path / "two"), str(pbmc_file), str(tmp_path / "embedded.h5ad")]) == 0
+    assert ad.read_h5ad(tmp_path / "embedded.h5ad").obsm["X_scf"].shape[0] > 0
+
+
+def test_a_backed_file_flows_through_in_blocks(tmp_path):
+    "Preparation, pretraining and embedding of a backed .h5ad hold one block of cells, not the matrix."
+    import tracemalloc
+    from scfoundation.cli import prepare, write_cells
+    from scfoundation.data import read_anndata
+    from scfoundation.evaluate import embed_adata
+    from scfoundation.model import ModelConfig
+    from scfoundation.simulate import SimConfig, simulate_to_h5ad
+    from scfoundation.train import TrainConfig, pretrain
+    from scfoundation.genes import match_gene_ids
+    source = simulate_to_h5ad(SimConfig(n_cells=20_000, n_genes=400, n_tfs=10, seed=0), tmp_path / "big.h5ad")
+    match_gene_ids(["TP53"])  # the gene table's lookups are built once per process (a fixed cost, not the data's)
+    backed = read_anndata(source, backed=True)
+    matrix_bytes = sum(backed.X.group[name].size * backed.X.group[name].dtype.itemsize for name in ("data", "indices", "indptr"))
+
+    def peak(run):
+        tracemalloc.start(); result = run(); value = tracemalloc.get_traced_memory()[1]; tracemalloc.stop()
+        return result, value
+    prepared, prepare_peak = peak(lambda: prepare(backed, min_genes=10, verbose=False, out=tmp_path / "prepared.h5ad", chunk_size=500))
+    assert prepared.isbacked and prepared.n_obs > 18_000
+    model = pretrain(prepared, ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=64),
+                     TrainConfig(steps=2, batch_size=8, warmup_steps=1), tmp_path / "run", progress=False)
+    _, embed_peak = peak(lambda: embed_adata(prepared, model, batch_size=256, progress=False))
+    assert prepare_peak < matrix_bytes / 2, (prepare_peak, matrix_bytes)
+    assert embed_peak < matrix_bytes / 2 + prepared.obsm["X_scf"].nbytes, (embed_peak, matrix_bytes)
+    written = ad.read_h5ad(write_cells(prepared, tmp_path / "embedded.h5ad"))
+    np.testing.assert_array_equal(written.obsm["X_scf"], prepared.obsm["X_scf"])
+    assert (written.X != prepared.to_memory().X).nnz == 0

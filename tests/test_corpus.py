@@ -1,6 +1,6 @@
 """Tests of scfoundation.corpus: building shards (manifest, checksums, resume, parallel), bad input,
-reading back, streaming over ranks and workers with exact resume, pretraining (one process, and
-DDP / FSDP on two CPU processes under torchrun)."""
+reading back, streaming over ranks and workers with exact resume, the one `pretrain` on a corpus (one
+process, and DDP / FSDP on two CPU processes under torchrun)."""
 import hashlib
 import itertools
 import json
@@ -19,13 +19,13 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file
 
-from scfoundation.corpus import (Corpus, CorpusDataset, CorpusError, build_corpus, corpus_gene_medians, corpus_tokenizer,
-                                 corpus_vocab, local_shuffle, pretrain_corpus, sample_shards, stream_batches)
+from scfoundation.corpus import (Corpus, CorpusBatches, CorpusDataset, CorpusError, build_corpus, corpus_gene_medians,
+                                 corpus_vocab, local_shuffle, sample_shards, stream_batches)
 from scfoundation.data import DataError
 from scfoundation.genes import Vocab
-from scfoundation.model import ModelConfig
+from scfoundation.model import ModelConfig, SCFModel
 from scfoundation.tokenization import BinningTokenizer, ContinuousTokenizer, RankValueTokenizer
-from scfoundation.train import TrainConfig, load_pretrained
+from scfoundation.train import CheckpointError, TrainConfig, pretrain
 
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 TINY = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=48)
@@ -170,17 +170,24 @@ def test_tokens_equal_those_from_the_source_file(sources, corpus_dir, kind):
         assert (left is None and right is None) or np.array_equal(left, right), key
 
 
-def test_corpus_tokenizer_and_cached_medians(corpus_dir, tmp_path):
+def test_training_stream_tokenizer_and_cached_medians(corpus_dir, tmp_path):
     shutil.copytree(corpus_dir, tmp_path / "c"); corpus = Corpus(tmp_path / "c")
     subset = sample_shards(corpus, 100)
     assert 100 <= len(subset) < len(corpus) and np.all(np.diff(subset) > 0)
-    tokenizer = corpus_tokenizer(corpus, ModelConfig(input_kind="rank", **TINY), median_cells=100)
+    medians = corpus.gene_medians(max_cells=100)
     cached = np.load(tmp_path / "c" / "gene_medians.npy")
-    assert np.array_equal(tokenizer.vocab.medians, cached, equal_nan=True)
+    assert np.array_equal(medians, cached, equal_nan=True)
     assert np.array_equal(cached, corpus_gene_medians(corpus, max_cells=100), equal_nan=True)
     assert not np.array_equal(cached, corpus_gene_medians(corpus), equal_nan=True)  # a subsample, not every cell
-    assert corpus_tokenizer(corpus, ModelConfig(input_kind="bins", n_bins=7, **TINY)).n_bins == 7
-    assert corpus_tokenizer(corpus, ModelConfig(input_kind="continuous", **TINY)).name == "continuous"
+    stream = corpus.training_stream(ModelConfig(input_kind="rank", **TINY), TrainConfig(batch_size=8))
+    assert stream.tokenizer.name == "rank" and np.array_equal(stream.tokenizer.vocab.medians, cached, equal_nan=True)
+    assert corpus.training_stream(ModelConfig(input_kind="bins", n_bins=7, **TINY), TrainConfig(batch_size=8)).tokenizer.n_bins == 7
+    assert corpus.training_stream(ModelConfig(input_kind="continuous", **TINY), TrainConfig(batch_size=8)).tokenizer.name == "continuous"
+    with pytest.raises(CorpusError, match="multiple of 4"):
+        CorpusBatches(corpus, BinningTokenizer(corpus.vocab), TrainConfig(batch_size=6), world_size=4)
+    first = stream.fingerprint()
+    assert first == corpus.training_stream(ModelConfig(input_kind="rank", **TINY), TrainConfig(batch_size=8)).fingerprint()
+    assert first != corpus.training_stream(ModelConfig(input_kind="rank", **{**TINY, "max_len": 40}), TrainConfig(batch_size=8)).fingerprint()
 
 
 def test_local_shuffle_bounds():
@@ -221,21 +228,31 @@ def test_stream_same_for_any_workers_and_resumes_exactly(corpus_dir):
     finite = make(); assert len(list(stream_batches(finite, 0, epochs=1))) == finite.batches_per_epoch
 
 
-def test_pretrain_corpus_resumes_exactly(corpus_dir, tmp_path):
+def test_pretrain_on_a_corpus_resumes_exactly(corpus_dir, tmp_path):
     config, train = ModelConfig(input_kind="bins", **TINY), TrainConfig(steps=4, batch_size=8, warmup_steps=1, save_every=2)
-    whole = pretrain_corpus(corpus_dir, config, train, tmp_path / "whole", progress=False)
-    pretrain_corpus(corpus_dir, config, train, tmp_path / "split", progress=False, stop_after=2)
+    whole = pretrain(corpus_dir, config, train, tmp_path / "whole", progress=False).history        # the folder
+    pretrain(Corpus(corpus_dir), config, train, tmp_path / "split", progress=False, stop_after=2)  # or the Corpus
     state = json.loads((tmp_path / "split" / "checkpoint-2" / "trainer_state.json").read_text())
-    assert state["data"]["batch"] == 2 and state["world_size"] == 1
-    resumed = pretrain_corpus(corpus_dir, config, train, tmp_path / "split", progress=False)
+    assert state["data"]["stream"]["batch"] == 2 and state["data"]["source"] == "corpus" and state["world_size"] == 1
+    resumed = pretrain(corpus_dir, config, train, tmp_path / "split", progress=False).history
     assert resumed["loss"].tolist() == whole["loss"].tolist()
-    model, vocab, tokenizer = load_pretrained(tmp_path / "split" / "final")
-    assert vocab.version == Corpus(corpus_dir).vocab.version and tokenizer.name == "binning"
-    with pytest.raises(CorpusError, match="fsdp=True needs several processes"):
-        pretrain_corpus(corpus_dir, config, train, tmp_path / "fsdp", fsdp=True, progress=False)
+    model = SCFModel.from_pretrained(tmp_path / "split" / "final")
+    assert model.tokenizer.vocab.version == Corpus(corpus_dir).vocab.version and model.tokenizer.name == "bins"
+    with pytest.raises(DataError, match="fsdp=True needs several processes"):
+        pretrain(corpus_dir, config, train, tmp_path / "fsdp", fsdp=True, progress=False)
 
 
-def test_pretrain_corpus_trains_a_prior_model_and_resumes_it(corpus_dir, tmp_path):
+def test_a_corpus_checkpoint_is_refused_for_other_data(corpus_dir, sources, tmp_path):
+    "Resuming a corpus run on cells in memory (or the other way round) is an error that names the fix, nothing is overwritten."
+    config, train = ModelConfig(input_kind="bins", **TINY), TrainConfig(steps=4, batch_size=8, warmup_steps=1, save_every=2)
+    pretrain(corpus_dir, config, train, tmp_path / "run", progress=False, stop_after=2)
+    cells = ad.read_h5ad(sources[0] / "a.h5ad")
+    with pytest.raises(CheckpointError):
+        pretrain(cells, config, train, tmp_path / "run", vocab=Corpus(corpus_dir).vocab, progress=False)
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == ["checkpoint-2"]
+
+
+def test_pretrain_on_a_corpus_trains_a_prior_model_and_resumes_it(corpus_dir, tmp_path):
     "A model built by the caller (here with a prior) trains on the corpus; checkpoints and final carry prior.json."
     from scfoundation.model import SCFModel
     from scfoundation.prior import add_prior, build_prior_features
@@ -247,28 +264,25 @@ def test_pretrain_corpus_trains_a_prior_model_and_resumes_it(corpus_dir, tmp_pat
         return add_prior(SCFModel(config), build_prior_features(corpus.vocab, sources=("chromosome", "KEGG"), dim=4))
 
     train = TrainConfig(steps=4, batch_size=8, warmup_steps=1, save_every=2)
-    whole = pretrain_corpus(corpus_dir, prior_model(), train, tmp_path / "whole", progress=False)
-    pretrain_corpus(corpus_dir, prior_model(), train, tmp_path / "split", progress=False, stop_after=2)
+    whole = pretrain(corpus_dir, prior_model(), train, tmp_path / "whole", progress=False).history
+    pretrain(corpus_dir, prior_model(), train, tmp_path / "split", progress=False, stop_after=2)
     assert (tmp_path / "split" / "checkpoint-2" / "prior.json").is_file()
-    resumed = pretrain_corpus(corpus_dir, prior_model(), train, tmp_path / "split", progress=False)
+    resumed = pretrain(corpus_dir, prior_model(), train, tmp_path / "split", progress=False).history
     assert resumed["loss"].tolist() == whole["loss"].tolist()
-    model, vocab, tokenizer = load_pretrained(tmp_path / "split" / "final")
-    assert model.embedding.gene.sources == ("chromosome", "KEGG") and tokenizer.name == "binning"
-    with pytest.raises(CorpusError, match="fsdp=False"):
-        pretrain_corpus(corpus_dir, prior_model(), train, tmp_path / "fsdp", fsdp=True, progress=False)
+    model = SCFModel.from_pretrained(tmp_path / "split" / "final")
+    assert model.embedding.gene.sources == ("chromosome", "KEGG") and model.tokenizer.name == "bins"
 
 
 WORKER = """
 import sys
-from scfoundation.corpus import pretrain_corpus
 from scfoundation.model import ModelConfig
-from scfoundation.train import TrainConfig
+from scfoundation.train import TrainConfig, pretrain
 corpus, out = sys.argv[1], sys.argv[2]
 config = ModelConfig(input_kind="rank", d_model=32, n_layers=2, n_heads=2, d_ff=64, max_len=48)
 train = TrainConfig(steps=4, batch_size=16, grad_accum=2, warmup_steps=1, save_every=2, precision="bf16")
 for mode in ("ddp", "fsdp"):  # one launch: the process group is joined once and reused
     for name, stop in (("whole", None), ("split", 2), ("split", None)):
-        pretrain_corpus(corpus, config, train, f"{out}/{mode}-{name}", fsdp=mode == "fsdp", progress=False, stop_after=stop)
+        pretrain(corpus, config, train, f"{out}/{mode}-{name}", fsdp=mode == "fsdp", progress=False, stop_after=stop)
 """
 
 
@@ -284,8 +298,8 @@ def test_ddp_and_fsdp_on_two_processes(corpus_dir, tmp_path):
         history = json.loads((tmp_path / f"{mode}-whole" / "final" / "history.json").read_text())
         assert len(history) == 4 and all(np.isfinite(row["loss"]) for row in history)
         state = json.loads((tmp_path / f"{mode}-split" / "checkpoint-4" / "trainer_state.json").read_text())
-        assert state["world_size"] == 2 and state["fsdp"] == (mode == "fsdp") and state["data"]["batch"] == 4 * 2
-        model, _, _ = load_pretrained(tmp_path / f"{mode}-whole" / "final")  # a plain model, whatever the wrapper
+        assert state["world_size"] == 2 and state["data"]["stream"]["batch"] == 4 * 2
+        model = SCFModel.from_pretrained(tmp_path / f"{mode}-whole" / "final")  # a plain model, whatever the wrapper
         assert model.config.vocab_version == Corpus(corpus_dir).vocab.version
     ddp, fsdp = (load_file(tmp_path / f"{mode}-whole" / "final" / "model.safetensors") for mode in ("ddp", "fsdp"))
     assert all(torch.allclose(ddp[key], fsdp[key], atol=2e-2) for key in ddp)  # the same training, another wrapper

@@ -1,42 +1,154 @@
-"""The embedding chapter's API: the PCA baseline, each metric, the table, and bad input."""
+"""The embedding chapter's API: the one inference path (iter_batches, embed_cells, embed_adata, gene_embeddings,
+sample_cells), the PCA baseline, each metric, the table, and bad input."""
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 
 from scfoundation.data import DataError
-from scfoundation.evaluate import (cluster_scores, evaluate_embeddings, get_embedding, get_labels, knn_accuracy,
-                                   label_silhouette, leiden_clusters, log_normalise, pca_baseline, stratified_split)
+from scfoundation.evaluate import (cluster_scores, embed_adata, embed_cells, evaluate_embeddings, gene_embeddings,
+                                   get_embedding, get_labels, iter_batches, knn_accuracy, label_silhouette, leiden_clusters,
+                                   pca_baseline, sample_cells, stratified_split)
+from scfoundation.genes import GeneError, Vocab
+from scfoundation.model import ModelConfig, SCFModel
+from scfoundation.tokenization import CellDataset, collate
+
+TINY = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=64)
 
 
-def make_cells(n_types=4, per_type=30, n_genes=60, seed=0):
-    "Counts where each type over-expresses its own block of genes; labels in obs['cell_type']."
+def with_embeddings(adata, seed=1):
+    "Add obsm['X_good'] (the labels, one-hot, plus noise) and obsm['X_noise'] (noise only)."
     rng = np.random.default_rng(seed)
-    labels = np.repeat([f"type{t}" for t in range(n_types)], per_type)
-    rates = np.full((len(labels), n_genes), 1.0)
-    block = n_genes // n_types
-    for t in range(n_types): rates[labels == f"type{t}", t * block:(t + 1) * block] = 8.0
-    counts = sp.csr_matrix(rng.poisson(rates).astype(np.float32))
-    obs = pd.DataFrame({"cell_type": pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(labels))])
-    adata = ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
-    onehot = pd.get_dummies(labels).to_numpy(dtype=np.float32)
+    onehot = pd.get_dummies(adata.obs["cell_type"]).to_numpy(dtype=np.float32)
     adata.obsm["X_good"] = onehot * 4 + rng.normal(size=onehot.shape).astype(np.float32)
-    adata.obsm["X_noise"] = rng.normal(size=(len(labels), 8)).astype(np.float32)
+    adata.obsm["X_noise"] = rng.normal(size=(adata.n_obs, 8)).astype(np.float32)
     return adata
 
 
 @pytest.fixture
-def cells(): return make_cells()
+def make_cells(typed_cells):
+    return lambda **kwargs: with_embeddings(typed_cells(**kwargs))
 
 
-def test_log_normalise_matches_formula(cells):
-    counts = cells.X.toarray()
-    expected = np.log1p(1e4 * counts / counts.sum(axis=1, keepdims=True))
-    np.testing.assert_allclose(log_normalise(cells).toarray(), expected, rtol=1e-5)
-    assert sp.isspmatrix_csr(log_normalise(cells))
+@pytest.fixture
+def cells(make_cells): return make_cells()
 
 
+@pytest.fixture(scope="module")
+def pretrained(typed_cells, tmp_path_factory):
+    "A tiny rank-value model pretrained for two steps on labelled cells: (its run folder, the model, the cells)."
+    adata = typed_cells(n_types=3, per_type=20, n_genes=40)
+    out = tmp_path_factory.mktemp("run")
+    from scfoundation.train import TrainConfig, pretrain
+    model = pretrain(adata, ModelConfig(**TINY), TrainConfig(steps=2, batch_size=8, save_every=0), out,
+                     vocab=Vocab.from_genes(list(adata.var_names)), progress=False)
+    return out, model, adata
+
+
+# ---------------------------------------------------------------- the one inference path
+def test_sample_cells():
+    np.testing.assert_array_equal(sample_cells(5), np.arange(5))
+    np.testing.assert_array_equal(sample_cells(5, max_cells=5), np.arange(5))
+    chosen = sample_cells(100, max_cells=10, seed=3)
+    assert len(chosen) == 10 == len(np.unique(chosen)) and (np.diff(chosen) > 0).all() and chosen.max() < 100
+    np.testing.assert_array_equal(sample_cells(100, 10, seed=3), chosen)
+    assert not np.array_equal(sample_cells(100, 10, seed=4), chosen)
+
+
+def test_iter_batches_tokenizes_the_chosen_cells_in_order(pretrained):
+    _, model, adata = pretrained
+    dataset = CellDataset(adata, model.tokenizer)
+    order = np.array([7, 2, 40, 3, 59])
+    parts = list(iter_batches(adata, model.tokenizer, cells=order, batch_size=2, device="cpu"))
+    assert [chosen.tolist() for chosen, _ in parts] == [[7, 2], [40, 3], [59]]
+    for chosen, batch in parts:
+        expected = collate(dataset.__getitems__(chosen))
+        assert batch.keys() == expected.keys() and all(torch.equal(batch[key], expected[key]) for key in batch)
+        assert batch["cell_ids"].tolist() == chosen.tolist()
+    assert sum(len(chosen) for chosen, _ in iter_batches(adata, model.tokenizer, batch_size=7)) == adata.n_obs
+    with pytest.raises(DataError, match="no tokenizer"): next(iter_batches(adata, None))
+
+
+def test_embed_cells_equals_the_models_embedding(pretrained):
+    _, model, adata = pretrained
+    embedding = embed_cells(model, adata, batch_size=7)
+    assert embedding.shape == (adata.n_obs, TINY["d_model"]) and embedding.dtype == np.float32
+    whole = model.embed(collate(model.tokenizer.tokenize_adata(adata))).numpy()     # one batch, padded to the longest
+    np.testing.assert_allclose(embedding, whole, atol=1e-5)
+    some = embed_cells(model, adata, cells=[9, 0, 4], batch_size=2)
+    np.testing.assert_allclose(some, embedding[[9, 0, 4]], atol=1e-5)
+    reordered = Vocab.from_genes(list(adata.var_names[::-1]))               # the same genes, other token ids
+    stranger = model.tokenizer.for_model(reordered.with_medians(np.ones(len(reordered), np.float32)), max_length=64)
+    with pytest.raises(GeneError, match="does not match the model's"): embed_cells(model, adata, tokenizer=stranger)
+    bare = SCFModel(model.config)
+    with pytest.raises(DataError, match="no tokenizer.*tokenizer="): embed_cells(bare, adata)
+    np.testing.assert_allclose(embed_cells(bare, adata, tokenizer=model.tokenizer)[:2],       # a tokenizer passed in
+                               bare.embed(collate(model.tokenizer.tokenize_adata(adata[:2]))).numpy(), atol=1e-5)
+
+
+def test_embed_adata_in_place_copy_and_equivalent_inputs(pretrained, tmp_path):
+    out, model, adata = pretrained
+    values = embed_cells(model, adata)
+    target = adata.copy()
+    assert embed_adata(target, model, progress=False) is None                 # in place, scanpy style
+    np.testing.assert_allclose(target.obsm["X_scf"], values, atol=1e-5)
+    copied = embed_adata(adata, out, key_added="X_other", copy=True, batch_size=48, progress=False)  # a run folder
+    assert copied is not adata and "X_other" not in adata.obsm and "X_scf" not in adata.obsm
+    np.testing.assert_allclose(copied.obsm["X_other"], values, atol=1e-5)    # batch size does not matter
+    np.testing.assert_allclose(embed_adata(adata, out / "final", copy=True, progress=False).obsm["X_scf"], values, atol=1e-5)
+    assert np.abs(values - values[0]).max() > 1e-4 and np.isfinite(values).all()   # cells differ
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    from_disk = embed_adata(backed, model, copy=True, progress=False)
+    assert not from_disk.isbacked
+    np.testing.assert_allclose(from_disk.obsm["X_scf"], values, atol=1e-5)
+    backed.file.close()
+    with pytest.raises(TypeError, match=r"AnnData first.*embed_adata\(adata, model\)"): embed_adata(model, adata)
+    with pytest.raises(TypeError, match="AnnData first"): embed_adata(out, adata)
+
+
+def test_gene_embeddings_input_and_contextual(pretrained):
+    _, model, adata = pretrained
+    genes = list(adata.var_names[:5])
+    ids = model.tokenizer.vocab.ids(genes)
+    table = gene_embeddings(model, genes=genes, kind="input")
+    assert list(table.index) == genes and table.index.name == "gene"
+    np.testing.assert_allclose(table.to_numpy(), model.embedding.gene.weight[torch.as_tensor(ids)].detach().numpy())
+    assert list(gene_embeddings(model, kind="input").index) == list(model.tokenizer.vocab.genes)   # default: the vocabulary
+    contextual = gene_embeddings(model, adata, kind="contextual", max_cells=None)
+    assert list(contextual.index) == list(adata.var_names) and contextual.shape[1] == model.config.output_dim
+    batch = collate(model.tokenizer.tokenize_adata(adata))                   # reference: one batch, a plain mean
+    with torch.no_grad(): hidden = model.eval()(batch)["hidden"]
+    for gene, token in zip(genes, ids):
+        at = batch["input_ids"] == int(token)
+        at[:, 0] = False
+        assert contextual.attrs["n_cells"][gene] == int(at.any(1).sum()) > 0
+        np.testing.assert_allclose(contextual.loc[gene].to_numpy(), hidden[at].mean(0).numpy(), atol=1e-5)
+    few = gene_embeddings(model, adata, genes=genes, max_cells=10, seed=2)
+    chosen = collate(model.tokenizer.tokenize_adata(adata[sample_cells(adata.n_obs, 10, seed=2)]))
+    assert few.attrs["n_cells"][genes[0]] == int((chosen["input_ids"][:, 1:] == int(ids[0])).any(1).sum())
+    with pytest.raises(DataError, match="not in the model's vocabulary"): gene_embeddings(model, adata, genes=["NOPE"])
+    with pytest.raises(DataError, match="pass adata="): gene_embeddings(model, genes=genes)
+    with pytest.raises(DataError, match="kind="): gene_embeddings(model, adata, kind="output")
+
+
+def test_gene_embeddings_of_unseen_genes_are_zero(typed_cells):
+    from scfoundation.tokenization import BinningTokenizer
+    adata = typed_cells(n_types=2, per_type=6, n_genes=12)
+    silent = adata.X.toarray(); silent[:, -1] = 0
+    adata.X = sp.csr_matrix(silent)                                           # the last gene is never expressed
+    vocab = Vocab.from_genes(list(adata.var_names))
+    model = SCFModel(ModelConfig(vocab_size=len(vocab), input_kind="bins", n_bins=11, asymmetric=True, decoder_d_model=32,
+                                 vocab_version=vocab.version, **TINY))
+    model.tokenizer = BinningTokenizer(vocab, max_length=64, n_bins=11)
+    table = gene_embeddings(model, adata)
+    assert table.shape == (12, 32) and table.attrs["n_cells"]["g11"] == 0 and (table.loc["g11"] == 0).all()
+    assert (table.attrs["n_cells"].iloc[:-1] > 0).all() and (table.iloc[:-1].abs().sum(axis=1) > 0).all()
+
+
+# ---------------------------------------------------------------- the baseline and the metrics
 def test_pca_baseline_writes_obsm_and_is_deterministic(cells):
     before = cells.X.copy()
     out = pca_baseline(cells, n_hvg=30, n_comps=10, key="X_base", seed=0)
@@ -52,7 +164,7 @@ def test_pca_baseline_separates_types(cells):
     assert table.loc["X_pca_hvg", "knn_accuracy"] > 0.9 > table.loc["X_noise", "knn_accuracy"]
 
 
-def test_pca_baseline_caps_components_on_tiny_data():
+def test_pca_baseline_caps_components_on_tiny_data(make_cells):
     tiny = make_cells(n_types=2, per_type=3, n_genes=10)
     assert pca_baseline(tiny, n_hvg=5, n_comps=50).shape == (6, 5)
 
@@ -141,7 +253,7 @@ def test_bad_embeddings_and_labels_are_refused_unchanged(cells):
     pd.testing.assert_frame_equal(cells.obs[before.columns], before)
 
 
-def test_bad_counts_are_refused():
+def test_bad_counts_are_refused(make_cells):
     negative = ad.AnnData(sp.csr_matrix(np.array([[1.0, -2.0], [3.0, 1.0]], dtype=np.float32)))
     with pytest.raises(DataError, match="prepare_counts"): pca_baseline(negative)
     empty = make_cells(n_types=2, per_type=5, n_genes=10)
@@ -155,41 +267,3 @@ def test_one_dimensional_embedding_refused(cells):
     cells.obsm["X_flat"] = np.zeros((cells.n_obs, 0), dtype=np.float32)
     with pytest.raises(DataError, match="cells × dims"): get_embedding(cells, "X_flat")
     assert list(get_labels(cells, "cell_type")[:1]) == ["type0"]
-
-
-def test_fingerprint_tracks_data_and_configs_not_entry_order(cells):
-    from scfoundation.evaluate import _fingerprint
-    from scfoundation.model import ModelConfig
-    from scfoundation.train import TrainConfig
-    model_config, train_config = ModelConfig.named("teaching"), TrainConfig(steps=5)
-    base = _fingerprint(cells, model_config, train_config)
-    shuffled = cells.copy()
-    matrix = shuffled.X.tocsr()
-    order = np.concatenate([np.arange(start, stop)[::-1] for start, stop in zip(matrix.indptr[:-1], matrix.indptr[1:])])
-    shuffled.X = sp.csr_matrix((matrix.data[order], matrix.indices[order], matrix.indptr), shape=matrix.shape)
-    assert not shuffled.X.has_sorted_indices
-    assert _fingerprint(shuffled, model_config, train_config) == base
-    assert _fingerprint(cells, model_config, TrainConfig(steps=6)) != base
-    assert _fingerprint(cells, ModelConfig.named("teaching", d_model=64), train_config) != base
-    changed = cells.copy()
-    changed.X = changed.X.tocsr(copy=True)
-    changed.X.data[0] += 1
-    assert _fingerprint(changed, model_config, train_config) != base
-
-
-def test_cached_pretrain_trains_once(cells, tmp_path, monkeypatch):
-    import scfoundation.train
-    from scfoundation.evaluate import cached_pretrain
-    from scfoundation.model import ModelConfig
-    from scfoundation.train import TrainConfig
-    calls = []
-    def fake_pretrain(adata, model_config, train_config, out_dir, **kwargs):
-        calls.append(out_dir)
-        (out_dir / "final").mkdir(parents=True)
-        (out_dir / "final" / "model.safetensors").write_bytes(b"")
-    monkeypatch.setattr(scfoundation.train, "pretrain", fake_pretrain)
-    first = cached_pretrain(cells, ModelConfig.named("teaching"), TrainConfig(steps=5), cache_dir=tmp_path)
-    second = cached_pretrain(cells, ModelConfig.named("teaching"), TrainConfig(steps=5), cache_dir=tmp_path)
-    assert first == second and first.parent.parent == tmp_path and len(calls) == 1
-    cached_pretrain(cells, ModelConfig.named("teaching"), TrainConfig(steps=6), cache_dir=tmp_path)
-    assert len(calls) == 2

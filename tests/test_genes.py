@@ -2,6 +2,7 @@
 import json
 import warnings
 
+import anndata
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -224,10 +225,35 @@ def test_coverage_report_and_plot():
     assert report.loc["counts"].tolist() == [4.0, 5.0, pytest.approx(0.8)]
     with pytest.raises(GeneError, match="map_genes"):
         coverage_report(make_adata(["CD3E"]))
-    import matplotlib
-    matplotlib.use("Agg")
-    ax = plot_gene_matches(mapped)
-    assert len(ax.patches) == 6
+    import matplotlib.pyplot as plt
+    figure = plot_gene_matches(mapped)
+    assert len(figure.axes[0].patches) == 6 and plt.get_fignums() == []
+    assert [patch.get_width() for patch in figure.axes[0].patches][::-1] == [1, 0, 0, 0, 0, 1]   # symbol, …, unmapped
+    _, ax = plt.subplots()
+    assert plot_gene_matches(mapped, ax=ax) is ax.figure                       # onto the caller's axes
+    plt.close("all")
+
+
+@pytest.mark.parametrize("chunk_size", [2, 1000])
+def test_map_genes_streamed_to_a_file_equals_in_memory(tmp_path, chunk_size):
+    ids = ["TP53", "ENSG00000141510.12", "cd3e", "916", "MS4A1", "not_a_gene"]
+    adata = make_adata(ids, counts=np.random.default_rng(4).poisson(3.0, size=(6, 6)).astype(np.float32))
+    adata.obsm["X_pos"] = np.arange(12, dtype=np.float32).reshape(6, 2)
+    adata.uns["note"] = "kept"
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    with pytest.warns(UserWarning, match="summed"): expected = map_genes(adata)
+    backed = anndata.read_h5ad(tmp_path / "in.h5ad", backed="r")
+    with pytest.raises(GeneError, match="out="): map_genes(backed)
+    with pytest.warns(UserWarning, match="summed"):
+        got = map_genes(backed, out=tmp_path / "mapped.h5ad", chunk_size=chunk_size)
+    assert got.isbacked and sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "mapped.h5ad"]
+    np.testing.assert_array_equal(got.X[:].toarray(), expected.X.toarray())
+    pd.testing.assert_frame_equal(got.var.astype(str), expected.var.astype(str))      # (the file keeps strings as categories)
+    pd.testing.assert_frame_equal(got.obs, expected.obs)
+    np.testing.assert_array_equal(got.obsm["X_pos"], adata.obsm["X_pos"])
+    assert got.uns["note"] == "kept"
+    assert coverage_report(got).equals(coverage_report(expected))
+    got.file.close(); backed.file.close()
 
 
 def test_pbmc68k_reduced_raw_coverage():
@@ -241,6 +267,13 @@ def test_pbmc68k_reduced_raw_coverage():
 
 
 # ---------------------------------------------------------------- Vocab
+def test_special_token_ids_are_declared_here_only():
+    import scfoundation.model as model
+    import scfoundation.tokenization as tokenization
+    for module in (model, tokenization):
+        assert not {"SPECIAL_TOKENS", "PAD_ID", "MASK_ID", "CLS_ID", "N_SPECIAL"} & set(module.__all__), module.__name__
+
+
 def test_vocab_special_tokens_and_ids():
     vocab = Vocab.from_genes(["CD3E", "MS4A1", "TP53"])
     assert vocab.tokens[:3] == SPECIAL_TOKENS and (PAD_ID, MASK_ID, CLS_ID) == (0, 1, 2)

@@ -7,21 +7,22 @@ import torch
 from scipy.stats import spearmanr
 
 from scfoundation.data import DataError
-from scfoundation.evaluate import log_normalise
-from scfoundation.grn import (AttentionRecorder, attention_weights, auprc_table, contextual_gene_embeddings,
-                              correlation_baseline, edge_scores_from_attention, edge_scores_from_embeddings,
-                              grn_benchmark, input_gene_embeddings, long_scores, truth_edges)
-from scfoundation.model import ModelConfig, SCFModel, TokenLayout, encoder_keep
+from scfoundation.data import log_normalise
+from scfoundation.evaluate import gene_embeddings
+from scfoundation.grn import (AttentionRecorder, attention_weights, auprc_table, correlation_baseline,
+                              edge_scores_from_attention, edge_scores_from_embeddings, grn_benchmark, long_scores,
+                              truth_edges)
+from scfoundation.model import ModelConfig, TokenLayout, encoder_keep
 from scfoundation.simulate import simulate
 from scfoundation.tokenization import CellDataset, collate
-from scfoundation.train import prepare_training_data
+from scfoundation.train import TrainConfig, build_model, training_stream
 
 
 def tiny_model(sim, **overrides):
-    _, vocab, tokenizer, config = prepare_training_data(
-        sim, ModelConfig.named("teaching", d_model=32, n_layers=2, n_heads=2, d_ff=64, **overrides))
-    torch.manual_seed(0)
-    return SCFModel(config).eval(), vocab, tokenizer
+    "An untrained (seeded) small model with the tokenizer pretraining would give it; (model, vocab, tokenizer)."
+    config = ModelConfig.named("teaching", d_model=32, n_layers=2, n_heads=2, d_ff=64, **overrides)
+    model = build_model(config, training_stream(sim, config, TrainConfig(batch_size=8)).tokenizer).eval()
+    return model, model.tokenizer.vocab, model.tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -74,37 +75,24 @@ def test_correlation_baseline_against_numpy_and_scipy(world):
 def test_embedding_scores(world):
     sim, model, vocab, tokenizer = world
     genes = list(sim.var_names[:4])
-    table = input_gene_embeddings(model, vocab, genes)
+    table = gene_embeddings(model, genes=genes, kind="input")
     np.testing.assert_array_equal(table.to_numpy(), model.embedding.gene.weight[vocab.ids(genes)].detach().numpy())
     scores = edge_scores_from_embeddings(table, genes[:1], genes[1:], absolute=False)
     vectors = table.to_numpy()
     expected = vectors[1:] @ vectors[0] / (np.linalg.norm(vectors[1:], axis=1) * np.linalg.norm(vectors[0]))
     np.testing.assert_allclose(scores["score"].to_numpy(), expected, rtol=1e-5)
-    with pytest.raises(DataError, match="vocabulary"): input_gene_embeddings(model, vocab, ["NOPE"])
     with pytest.raises(DataError, match="no embedding"): edge_scores_from_embeddings(table, genes[:1], ["NOPE"])
 
 
-def test_input_embeddings_of_a_model_with_a_prior(world):
-    from scfoundation.prior import add_prior, build_prior_features
+def test_benchmark_scores_evaluates_gene_embeddings(world):
+    "The two embedding rows score exactly the cosines of evaluate.gene_embeddings (input, and contextual over the same cells)."
     sim, model, vocab, tokenizer = world
-    prior_model = add_prior(tiny_model(sim)[0], build_prior_features(vocab, sources=("chromosome",)))
-    with torch.no_grad(): prior_model.embedding.gene.projections["chromosome"].weight.normal_()
-    genes = list(sim.var_names[:4])
-    table = input_gene_embeddings(prior_model, vocab, genes)               # no .weight table: the module's output
-    with torch.no_grad(): expected = prior_model.embedding.gene(torch.as_tensor(vocab.ids(genes))).numpy()
-    np.testing.assert_array_equal(table.to_numpy(), expected)
-    assert not np.allclose(table.to_numpy(), input_gene_embeddings(model, vocab, genes).to_numpy())
-
-
-def test_contextual_embeddings_are_means_of_hidden_states(world):
-    sim, model, vocab, tokenizer = world
-    gene = sim.var_names[0]
-    cells = np.arange(10)
-    context = contextual_gene_embeddings(model, sim[:10], tokenizer, [gene], max_cells=None)
-    batch = collate(CellDataset(sim[:10], tokenizer).__getitems__(cells))
-    with torch.inference_mode(): hidden = model(batch)["hidden"]
-    where = (batch["input_ids"] == vocab.ids([gene])[0]) & batch["attention_mask"]
-    np.testing.assert_allclose(context.loc[gene].to_numpy(), hidden[where].mean(0).numpy(), rtol=1e-4, atol=1e-6)
+    _, scores = grn_benchmark(model, sim, max_cells=30, seed=1)
+    regulators, targets = list(sim.uns["truth"]["tfs"]), list(sim.var_names)
+    for kind in ("input", "contextual"):
+        table = gene_embeddings(model, sim, targets, kind, max_cells=30, seed=1)
+        expected = edge_scores_from_embeddings(table, regulators, targets)
+        pd.testing.assert_frame_equal(scores[f"model: {kind} embedding cosine"], expected)
 
 
 @pytest.mark.parametrize("kind", ["rank", "continuous"])
@@ -139,7 +127,7 @@ def test_attention_scores_by_hand_and_hooks_removed(world):
     assert found, "the test needs cells expressing both genes"
     assert scores["score"].iloc[0] == pytest.approx(np.mean(found), rel=1e-5)
     forward = edge_scores_from_attention(model, sim, tokenizer, [regulator], [target], max_cells=30)["score"].iloc[0]
-    backward = edge_scores_from_attention(model, sim, tokenizer, [target], [regulator], max_cells=30)["score"].iloc[0]
+    backward = edge_scores_from_attention(model, sim, None, [target], [regulator], max_cells=30)["score"].iloc[0]
     both = edge_scores_from_attention(model, sim, tokenizer, [regulator], [target], direction="both", max_cells=30)["score"].iloc[0]
     assert both == pytest.approx((forward + backward) / 2)
     with pytest.raises(DataError, match="direction"): edge_scores_from_attention(model, sim, tokenizer, [regulator], [target], direction="up")
@@ -153,6 +141,6 @@ def test_benchmark_runs_leaves_data_alone_and_is_deterministic(world):
     assert {"baseline: |Pearson|", "model: attention target→regulator"} <= set(table.index)
     assert (table["random_auprc"] == len(truth_edges(sim)) / table["n_pairs"]).all()
     assert table.loc["baseline: |Pearson|", "auprc"] > table.loc["baseline: |Pearson|", "random_auprc"]  # co-expression carries edges
-    again, _ = grn_benchmark(model, sim, tokenizer, max_cells=40)
+    again, _ = grn_benchmark(model, sim, max_cells=40)                      # tokenizer None: the model's
     pd.testing.assert_frame_equal(table, again)
     assert (sim.X != before.X).nnz == 0 and sim.obs.equals(before.obs)

@@ -11,17 +11,22 @@ from scfoundation.insilico import (candidate_genes, de_baseline, insert_front, i
 from scfoundation.model import ModelConfig, SCFModel
 from scfoundation.simulate import simulate
 from scfoundation.tokenization import CellDataset, collate
-from scfoundation.train import prepare_training_data
+from scfoundation.train import TrainConfig, build_model, training_stream
+
+
+def tiny_model(sim, **overrides) -> SCFModel:
+    "An untrained (seeded) small model with the tokenizer pretraining would give it."
+    config = ModelConfig.named("teaching", d_model=32, n_layers=1, n_heads=2, d_ff=64, **overrides)
+    return build_model(config, training_stream(sim, config, TrainConfig(batch_size=8)).tokenizer).eval()
 
 
 @pytest.fixture(scope="module")
 def world():
-    "A small simulation and an untrained (seeded) rank-value model with its tokenizer."
+    "A small simulation and an untrained rank-value model with its tokenizer."
     sim = simulate(n_cells=160, n_genes=60, n_tfs=8, edge_density=0.3, n_cell_types=2, lineage_depth=1,
                    n_batches=1, perturbations=("ko:tf0",), perturbed_fraction=0.2, seed=1)
-    _, vocab, tokenizer, config = prepare_training_data(sim, ModelConfig.named("teaching", d_model=32, n_layers=1, n_heads=2, d_ff=64))
-    torch.manual_seed(0)
-    return sim, SCFModel(config).eval(), tokenizer
+    model = tiny_model(sim)
+    return sim, model, model.tokenizer
 
 
 def masks(sim):
@@ -57,7 +62,11 @@ def test_perturb_batch_rank_bins_continuous():
     assert deleted["expressed_mask"][:, 1:3].tolist() == [[True, False], [False, True]]
     over = perturb_batch(continuous, 10, "overexpress", config)
     assert over["input_ids"][:, 1].tolist() == [10, 10] and over["values"][:, 1].tolist() == pytest.approx([3.0, 0.75])
-    assert torch.equal(over["depth"], continuous["depth"])
+    assert torch.equal(over["depth"], continuous["depth"]) and over["expressed_mask"][:, 1].all()
+    binned = {**batch, "value_ids": torch.tensor([[0, 3, 5, 2], [0, 4, 2, 0]])}
+    bins = ModelConfig.named("teaching", vocab_size=20, max_len=8, input_kind="bins", n_bins=7)
+    assert perturb_batch(binned, 11, "delete", bins)["value_ids"].tolist() == [[0, 3, 1, 2], [0, 1, 2, 0]]  # bin 1: not expressed
+    assert perturb_batch(binned, 12, "overexpress", bins)["value_ids"].tolist() == [[0, 7, 3, 5], [0, 7, 4, 2]]
     with pytest.raises(DataError, match="delete"): perturb_batch(batch, 11, "silence", rank)
 
 
@@ -91,8 +100,8 @@ def test_overexpress_changes_every_cell_and_data_unchanged(world):
     genes = list(sim.var_names[:3])
     shifts = insilico_perturb(model, sim, genes, tokenizer, source, target, mode="overexpress", max_cells=10, seed=3)
     assert (shifts["n_cells_changed"] == 10).all() and (shifts["embedding_shift"] > 0).all()
-    again = insilico_perturb(model, sim, genes, tokenizer, source, target, mode="overexpress", max_cells=10, seed=3)
-    pd.testing.assert_frame_equal(shifts, again)
+    again = insilico_perturb(model, sim, genes, None, source, target, mode="overexpress", max_cells=10, seed=3)
+    pd.testing.assert_frame_equal(shifts, again)                          # tokenizer None: the model's
     assert (sim.X != before.X).nnz == 0 and sim.obs.equals(before.obs) and sim.uns.keys() == before.uns.keys()
 
 
@@ -155,7 +164,7 @@ def test_benchmark_runs_and_is_deterministic(world):
     table, per_gene = insilico_benchmark(model, sim, tokenizer, types[0], types[1], min_expressed=0.8, max_cells=8, threshold=0.0)
     assert list(table.columns[:3]) == ["spearman", "auroc", "precision@10"]
     assert "baseline: DE (source - target)" in table.index and table["spearman"].between(-1, 1).all()
-    table_again, _ = insilico_benchmark(model, sim, tokenizer, types[0], types[1], min_expressed=0.8, max_cells=8, threshold=0.0)
+    table_again, _ = insilico_benchmark(model, sim, None, types[0], types[1], min_expressed=0.8, max_cells=8, threshold=0.0)
     pd.testing.assert_frame_equal(table, table_again)
     assert per_gene["true_shift"].equals(true_shift(sim, types[0], types[1], list(per_gene.index)))
 
@@ -167,10 +176,8 @@ def test_value_models_delete_by_zeroing_and_overexpress_by_inserting(world):
     gene = sim.var_names[np.argmax(np.asarray((sp.csr_matrix(sim.X)[source] > 0).mean(0)).ravel())]
     expressing = int((np.asarray(sp.csr_matrix(sim.X)[source][:, sim.var_names.get_loc(gene)].todense()).ravel() > 0).sum())
     for overrides in (dict(input_kind="bins", n_bins=11), dict(input_kind="continuous", asymmetric=True, max_len=64)):
-        _, _, tokenizer, config = prepare_training_data(sim, ModelConfig.named("teaching", d_model=32, n_layers=1, n_heads=2, d_ff=64, **overrides))
-        torch.manual_seed(0)
-        model = SCFModel(config).eval()
-        deleted = insilico_perturb(model, sim, [gene], tokenizer, source, target, max_cells=None)
-        over = insilico_perturb(model, sim, [gene], tokenizer, source, target, mode="overexpress", max_cells=None)
+        model = tiny_model(sim, **overrides)
+        deleted = insilico_perturb(model, sim, [gene], None, source, target, max_cells=None)
+        over = insilico_perturb(model, sim, [gene], None, source, target, mode="overexpress", max_cells=None)
         assert deleted.loc[gene, "n_cells_changed"] <= expressing and deleted.loc[gene, "embedding_shift"] > 0
         assert over.loc[gene, "n_cells_changed"] == source.sum() and np.isfinite(over.to_numpy(dtype=float)).all()

@@ -90,7 +90,7 @@ def test_isolated_labels_and_asw():
 def test_get_batches_errors_name_the_fix(batched):
     with pytest.raises(DataError, match="batch_key="):
         get_batches(batched, "sample")
-    with pytest.raises(DataError, match="single batch"):
+    with pytest.raises(DataError, match="at least two batches"):
         get_batches(batched[batched.obs["batch"] == "batch0"], "batch")
     missing = batched.copy()
     missing.obs["batch"] = missing.obs["batch"].astype(object)

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from scfoundation.model import (CLS_ID, MASK_ID, MASK_VALUE, PAD_ID, ModelConfig, ModelError, SCFModel,
-                                TokenLayout, count_flops, mask_batch, random_batch, register_extension)
+from scfoundation.genes import CLS_ID, MASK_ID, N_SPECIAL, PAD_ID
+from scfoundation.model import (INPUT_KINDS, MASK_VALUE, ModelConfig, ModelError, SCFModel, TokenLayout, count_flops,
+                                mask_batch, masked_loss, random_batch, register_extension, uniform_draws)
 
 torch.set_num_threads(1)
 KINDS = ("rank", "bins", "continuous")
@@ -20,12 +21,22 @@ def small(kind="rank", **overrides):
 
 
 def masked(config, lengths=(20, 7, 1), seed=0, **kwargs):
-    return mask_batch(random_batch(config, list(lengths), seed=seed), config,
-                      generator=torch.Generator().manual_seed(seed), **kwargs)
+    return mask_batch(random_batch(config, list(lengths), seed=seed), config, seed=seed, **kwargs)
 
 
 def clone(batch):
     return {key: value.clone() for key, value in batch.items()}
+
+
+def rows(batch, index, width=None):
+    "Cells `index` (a slice or a list) of a batch, cut to `width` positions (per-cell tensors such as cell_ids stay whole)."
+    return {key: value[index] if value.dim() == 1 or key == "depth" else value[index, :width] for key, value in batch.items()}
+
+
+def padded(batch, extra):
+    "The same cells with `extra` more padding positions (zeros / False: what collate pads with)."
+    return {key: value if value.dim() == 1 or key == "depth" else
+            torch.cat([value, value.new_zeros(value.shape[0], extra)], dim=1) for key, value in batch.items()}
 
 
 # ---------------------------------------------------------------- config
@@ -64,7 +75,7 @@ def test_mask_never_touches_cls_or_padding(kind):
     config = small(kind)
     batch = random_batch(config, [50, 10, 2, 1], seed=1)
     original = clone(batch)
-    out = mask_batch(batch, config, mask_prob=0.5, generator=torch.Generator().manual_seed(0))
+    out = mask_batch(batch, config, mask_prob=0.5, seed=0)
     positions = out["mask_positions"]
     assert positions.dtype == torch.bool and positions.shape == batch["input_ids"].shape
     assert not positions[:, 0].any() and not (positions & ~batch["attention_mask"]).any()
@@ -83,9 +94,9 @@ def test_mask_never_touches_cls_or_padding(kind):
 def test_mask_is_seeded_and_has_the_right_rate():
     config = small()
     batch = random_batch(config, [200] * 32, seed=3)
-    first = mask_batch(batch, config, generator=torch.Generator().manual_seed(5))["mask_positions"]
-    again = mask_batch(batch, config, generator=torch.Generator().manual_seed(5))["mask_positions"]
-    other = mask_batch(batch, config, generator=torch.Generator().manual_seed(6))["mask_positions"]
+    first = mask_batch(batch, config, seed=5)["mask_positions"]
+    again = mask_batch(batch, config, seed=5)["mask_positions"]
+    other = mask_batch(batch, config, seed=6)["mask_positions"]
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert abs(first.float().sum().item() / (32 * 200) - 0.15) < 0.015
 
@@ -93,12 +104,89 @@ def test_mask_is_seeded_and_has_the_right_rate():
 def test_bert_style_masking():
     config = small()
     batch = random_batch(config, [200] * 32, seed=3)
-    out = mask_batch(batch, config, mask_prob=0.3, generator=torch.Generator().manual_seed(0), bert_style=True)
+    out = mask_batch(batch, config, mask_prob=0.3, seed=0, bert_style=True)
     at_masked = out["input_ids"][out["mask_positions"]]
     share_mask = (at_masked == MASK_ID).float().mean().item()
     share_same = (at_masked == out["labels"][out["mask_positions"]]).float().mean().item()
     assert 0.75 < share_mask < 0.85 and 0.07 < share_same < 0.14
     assert (at_masked != CLS_ID).all() and (at_masked != PAD_ID).all()
+
+
+@pytest.mark.parametrize("kind, bert_style", [(kind, False) for kind in KINDS] + [("rank", True)])
+def test_mask_depends_on_seed_cell_id_and_position_only(kind, bert_style):
+    "A cell's mask is the same alone, in another batch order, or padded wider: nothing but (seed, cell id, position) draws it."
+    config = small(kind)
+    batch = random_batch(config, [40, 12, 25], seed=4)
+    batch["cell_ids"] = torch.tensor([70, 11, 5])
+    target = config.kind.target_key
+    mask = lambda b, seed=3: mask_batch(b, config, 0.3, seed=seed, bert_style=bert_style)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    def same_cell(got, got_row, row):
+        for key in ("mask_positions", "labels", target):
+            assert torch.equal(got[key][got_row, :lengths[row]], whole[key][row, :lengths[row]]), (key, row)
+    whole = mask(batch)
+    for row in range(3): same_cell(mask(rows(batch, [row], lengths[row])), 0, row)            # alone, unpadded
+    reordered = mask(rows(batch, [2, 0, 1]))
+    for got_row, row in enumerate([2, 0, 1]): same_cell(reordered, got_row, row)
+    wider = mask(padded(batch, 9))
+    for row in range(3): same_cell(wider, row, row)
+    assert not wider["mask_positions"][:, -9:].any()
+    assert not torch.equal(mask(batch, seed=4)["mask_positions"], whole["mask_positions"])       # another seed
+    renamed = mask(dict(batch, cell_ids=torch.tensor([71, 11, 5])))                              # another cell id
+    assert not torch.equal(renamed["mask_positions"][0], whole["mask_positions"][0])
+    assert torch.equal(renamed["mask_positions"][1:], whole["mask_positions"][1:])
+    plain = {key: value for key, value in batch.items() if key != "cell_ids"}                   # no ids: cells 0 … B-1
+    assert torch.equal(mask(plain)["mask_positions"], mask(dict(batch, cell_ids=torch.arange(3)))["mask_positions"])
+    draws = uniform_draws(batch, seed=3)
+    assert draws.shape == batch["attention_mask"].shape and 0 <= draws.min() and draws.max() < 1
+    assert not torch.equal(uniform_draws(batch, seed=3, stream=1), draws)
+
+
+@pytest.mark.parametrize("name", list(INPUT_KINDS))
+def test_input_kind_row_gives_head_size_loss_and_mask_value(name):
+    config = small(name, n_bins=11)
+    kind = config.kind
+    assert kind is INPUT_KINDS[name] and kind.name == name
+    model = SCFModel(config).eval()
+    assert model.head.out_features == kind.head_size(config)
+    assert type(model.embedding.expression) is type(kind.expression(config))
+    plain = random_batch(config, [30, 12], seed=1)
+    assert set(kind.batch_keys) <= set(plain)
+    batch = mask_batch(plain, config, seed=2)
+    positions = batch["mask_positions"]
+    assert (batch[kind.target_key][positions] == kind.mask_value(config)).all()
+    assert torch.equal(batch["labels"], plain[kind.target_key])
+    for key in set(kind.batch_keys) - {kind.target_key}: assert torch.equal(batch[key], plain[key]), key
+    out = model(batch)
+    predictions = model.head(out["hidden"][positions])
+    torch.testing.assert_close(out["loss"], kind.loss(predictions.float(), batch["labels"][positions]))
+    torch.testing.assert_close(masked_loss(predictions, batch["labels"][positions], name), out["loss"])
+    flops = count_flops(config, batch)
+    assert flops["head"] == 2 * int(positions.sum()) * config.output_dim * kind.head_size(config)
+    for key in kind.batch_keys:
+        if key != "attention_mask":
+            with pytest.raises(ModelError, match=key): model({k: v for k, v in plain.items() if k != key})
+
+
+@pytest.mark.parametrize("name", list(INPUT_KINDS))
+def test_the_model_reads_its_input_kind_row(name, monkeypatch):
+    "Change a row of INPUT_KINDS: the head, the mask value and the loss follow (nothing branches on the kind's name)."
+    import dataclasses
+    import scfoundation.model as model_module
+    row = INPUT_KINDS[name]
+    new_mask = {"rank": CLS_ID, "bins": 1, "continuous": -2.0}[name]
+    width = row.head_size(small(name))
+    changed = dataclasses.replace(row, head_size=lambda config: width + 3, mask_value=lambda config: new_mask,
+                                  loss=lambda predictions, targets: 2 * row.loss(predictions[:, :width], targets))
+    monkeypatch.setitem(model_module.INPUT_KINDS, name, changed)
+    config = small(name)
+    model = SCFModel(config).eval()
+    assert model.head.out_features == width + 3
+    batch = mask_batch(random_batch(config, [30, 12], seed=1), config, seed=2)
+    positions = batch["mask_positions"]
+    assert (batch[row.target_key][positions] == new_mask).all()
+    predictions = model.head(model(batch)["hidden"][positions]).float()
+    torch.testing.assert_close(model(batch)["loss"], 2 * row.loss(predictions[:, :width], batch["labels"][positions]))
 
 
 def test_mask_batch_bad_input():
@@ -187,7 +275,7 @@ def test_padding_invariance(kind, pooling):
     config = small(kind, pooling=pooling)
     model = SCFModel(config).eval()
     batch = random_batch(config, [30, 6], seed=2)
-    alone = {key: value[1:2, :7] for key, value in batch.items()}
+    alone = rows(batch, slice(1, 2), 7)
     padded = model.embed(batch)[1]
     assert torch.allclose(model.embed(alone)[0], padded, atol=1e-5)
     hidden = model(batch)["hidden"][1, :7]
@@ -260,8 +348,7 @@ def test_asymmetric_saves_compute():
     asymmetric = small("continuous", asymmetric=True, decoder_d_model=32, decoder_layers=1)
     symmetric = ModelConfig(**{**symmetric.to_dict(), "n_layers": 4})
     asymmetric = ModelConfig(**{**asymmetric.to_dict(), "n_layers": 4})
-    batch = mask_batch(random_batch(symmetric, [250] * 4, seed=0, zero_fraction=0.8), symmetric,
-                       generator=torch.Generator().manual_seed(0))
+    batch = mask_batch(random_batch(symmetric, [250] * 4, seed=0, zero_fraction=0.8), symmetric, seed=0)
     full, light = count_flops(symmetric, batch), count_flops(asymmetric, batch)
     assert light["encoder"] < 0.3 * full["encoder"] and light["total"] < 0.5 * full["total"]
     assert light["decoder"] > 0 and full["decoder"] == 0
@@ -281,6 +368,44 @@ def test_save_load_round_trip(tmp_path, kind):
     assert torch.equal(loaded(batch)["loss"], model(batch)["loss"])
     assert torch.equal(loaded.embed(batch), model.embed(batch))
     assert loaded.num_parameters() == model.num_parameters() > 0
+
+
+def tokenized_model(kind, vocab, adata):
+    "A tiny model of `kind` with its tokenizer, as pretrain leaves it."
+    from scfoundation.tokenization import compute_gene_medians, tokenizer_for
+    tokenizer = tokenizer_for(kind, vocab, 64, n_bins=11, gene_medians=lambda: compute_gene_medians(adata, vocab))
+    config = ModelConfig(vocab_size=len(vocab), input_kind=kind, n_bins=11, d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                         max_len=64, vocab_version=vocab.version, tokenizer=tokenizer.to_dict())
+    torch.manual_seed(0)
+    model = SCFModel(config).eval()
+    model.tokenizer = tokenizer
+    return model
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_round_trips_the_tokenizer(tmp_path, kind):
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+    from scfoundation.genes import Vocab
+    from scfoundation.tokenization import collate
+    genes = [f"G{i}" for i in range(40)]
+    counts = np.random.default_rng(0).poisson(1.5, (12, 40)).astype(np.float32) + np.eye(12, 40, dtype=np.float32)
+    adata = ad.AnnData(sp.csr_matrix(counts))
+    adata.var_names = genes
+    model = tokenized_model(kind, Vocab.from_genes(genes), adata)
+    model.save_pretrained(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    loaded = SCFModel.from_pretrained(tmp_path)
+    assert type(loaded.tokenizer) is type(model.tokenizer) and loaded.tokenizer.to_dict() == model.tokenizer.to_dict()
+    assert loaded.tokenizer.vocab == model.tokenizer.vocab                      # medians included (rank)
+    batch = collate(model.tokenizer.tokenize_adata(adata))
+    again = collate(loaded.tokenizer.tokenize_adata(adata))
+    assert all(torch.equal(again[key], batch[key]) for key in batch)
+    torch.testing.assert_close(loaded.embed(again), model.embed(batch))
+    Vocab.from_genes(genes[:30]).save(tmp_path / "vocab.json")                  # another model's vocabulary
+    with pytest.raises(ModelError, match="vocab.json has version .* save the model and its vocabulary together"):
+        SCFModel.from_pretrained(tmp_path)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -415,7 +540,7 @@ def test_real_collate_batches(kind):
     batch = tokenization.collate(tokenizer.tokenize_adata(adata))
     config = ModelConfig.named("teaching", vocab_size=len(vocab), input_kind=kind, n_bins=51, max_len=128, d_model=32,
                                d_ff=64, asymmetric=kind == "continuous", decoder_d_model=32, vocab_version=vocab.version)
-    out = SCFModel(config)(mask_batch(batch, config, generator=torch.Generator().manual_seed(0)))
+    out = SCFModel(config)(mask_batch(batch, config, seed=0))
     assert torch.isfinite(out["loss"]) and out["cell_embedding"].shape == (8, 32)
 
 
@@ -423,11 +548,11 @@ def test_real_collate_batches(kind):
 def test_cells_without_genes(kind):
     "A cell of only <cls> gets no mask, a finite embedding, and a batch of such cells a zero loss."
     config = small(kind, pooling="mean")
-    batch = mask_batch(random_batch(config, [0, 0]), config, generator=torch.Generator().manual_seed(0))
+    batch = mask_batch(random_batch(config, [0, 0]), config, seed=0)
     assert not batch["mask_positions"].any()
     out = SCFModel(config)(batch)
     assert out["n_masked"] == 0 and out["loss"].item() == 0 and torch.isfinite(out["cell_embedding"]).all()
-    mixed = mask_batch(random_batch(config, [6, 0]), config, generator=torch.Generator().manual_seed(0))
+    mixed = mask_batch(random_batch(config, [6, 0]), config, seed=0)
     assert mixed["mask_positions"][0].any() and not mixed["mask_positions"][1].any()
     assert torch.isfinite(SCFModel(config)(mixed)["loss"])
 

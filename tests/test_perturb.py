@@ -8,7 +8,7 @@ import torch
 
 from scfoundation.data import DataError
 from scfoundation.perturb import (PerturbationHead, additive_baseline, design_perturbations, fit_perturbation_model,
-                                  gene_embeddings, mean_baseline, observed_response, plot_response, predict_response,
+                                  mean_baseline, observed_response, perturbation_benchmark, plot_response, predict_response,
                                   resolve_perturbation, response_scores, split_perturbations, true_response)
 from scfoundation.simulate import SimConfig, simulate
 
@@ -143,48 +143,25 @@ def test_response_scores_by_hand():
         response_scores({"m": truth.loc[["p"]]}, truth, groups)
 
 
-def test_gene_embeddings_from_a_small_model(screen):
-    from scfoundation.genes import Vocab
-    from scfoundation.model import ModelConfig, SCFModel
-    from scfoundation.train import default_tokenizer
-    _, adata = screen
-    vocab = Vocab.from_adata(adata)
-    config = ModelConfig(vocab_size=len(vocab), d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=128)
-    tokenizer = default_tokenizer(adata, vocab, config)
-    torch.manual_seed(0)
-    model = SCFModel(config).train()
-    embedding = gene_embeddings(model, adata, tokenizer, max_cells=50, batch_size=16, seed=0)
-    assert embedding.shape == (adata.n_vars, 32) and np.isfinite(embedding).all()
-    assert model.training                                                  # the mode is restored
-    np.testing.assert_allclose(gene_embeddings(model, adata, tokenizer, max_cells=50, batch_size=7, seed=0), embedding, atol=1e-5)
-    assert not np.allclose(gene_embeddings(model, adata, tokenizer, max_cells=50, seed=1), embedding)
-    renamed = adata[:, :5].copy(); renamed.var_names = [f"NOTAGENE{i}" for i in range(5)]
-    with pytest.raises(Exception, match="NOTAGENE"):
-        gene_embeddings(model, renamed, tokenizer)
-
-
-def test_gene_embeddings_of_a_model_with_a_prior(screen):
-    "Genes no sampled cell shows the model fall back on the gene-embedding module's output (a prior has no .weight)."
-    from scfoundation.genes import Vocab
-    from scfoundation.model import ModelConfig, SCFModel
-    from scfoundation.prior import add_prior, build_prior_features
-    from scfoundation.train import default_tokenizer
-    _, adata = screen
-    vocab = Vocab.from_adata(adata)
-    config = ModelConfig(vocab_size=len(vocab), d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=8)  # 7 genes per cell
-    tokenizer = default_tokenizer(adata, vocab, config)
-    torch.manual_seed(0)
-    model = add_prior(SCFModel(config), build_prior_features(vocab, sources=("chromosome",)))
-    with torch.no_grad(): model.embedding.gene.projections["chromosome"].weight.normal_()
-    embedding = gene_embeddings(model, adata, tokenizer, max_cells=20, seed=0)
-    cells = np.sort(np.random.default_rng(0).choice(adata.n_obs, 20, replace=False))
-    from scfoundation.tokenization import CellDataset, collate
-    batch = collate(CellDataset(adata[cells], tokenizer).__getitems__(np.arange(20)))
-    seen = set(batch["input_ids"][batch["attention_mask"]].tolist())
-    unseen = [column for column, token in enumerate(vocab.ids(adata.var_names)) if int(token) not in seen]
-    assert unseen, "every gene was in the sample: lower max_len"
-    with torch.no_grad(): inputs = model.embedding.gene(torch.as_tensor(vocab.ids(adata.var_names[unseen]))).numpy()
-    np.testing.assert_allclose(embedding[unseen], inputs, rtol=1e-6)
+def test_benchmark_reads_the_models_tokenizer_and_contextual_embeddings(screen, monkeypatch):
+    "An untrained model with its tokenizer: the benchmark runs without tokenizer=, on evaluate.gene_embeddings of the controls."
+    from scfoundation import evaluate, perturb
+    from scfoundation.model import ModelConfig
+    from scfoundation.train import TrainConfig, build_model, training_stream
+    specs, adata = screen
+    config = ModelConfig.named("teaching", d_model=32, n_layers=1, n_heads=2, d_ff=64)
+    model = build_model(config, training_stream(adata, config, TrainConfig()).tokenizer)
+    calls = []
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return evaluate.gene_embeddings(*args, **kwargs)
+    monkeypatch.setattr(perturb, "gene_embeddings", recorded)
+    table, predictions = perturbation_benchmark(model, adata, perturbations=specs, max_cells=50)
+    assert calls[0]["kind"] == "contextual" and calls[0]["genes"] == list(adata.var_names) and calls[0]["tokenizer"] is None
+    assert {"model: head on gene embeddings", "baseline: mean of training"} <= set(table.index.get_level_values("method"))
+    assert table["pearson"].between(-1, 1).all()
+    again, _ = perturbation_benchmark(model, adata, model.tokenizer, perturbations=specs, max_cells=50)
+    pd.testing.assert_frame_equal(table, again)                            # tokenizer=None is the model's
 
 
 def test_plot_response_returns_figure():

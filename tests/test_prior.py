@@ -18,8 +18,8 @@ from scfoundation.model import ModelConfig, ModelError, SCFModel, random_batch
 from scfoundation.prior import (CHROMOSOMES, GENE_SET_SOURCES, PRIOR_SOURCES, PriorError, PriorFeatures,
                                 PriorGeneEmbedding, add_prior, build_prior_features, chromosome_features,
                                 coexpression_features, filter_gene_sets, gene_set_features, gene_sets,
-                                homology_coverage_report, homology_vocab_map, load_prior_model,
-                                read_homology_table, save_prior_model, set_prior_sources)
+                                homology_coverage_report, homology_vocab_map, prior_sources,
+                                read_homology_table, set_prior_sources)
 
 GENES = ["CD3E", "CD3D", "CD19", "MS4A1", "LYZ", "CD14", "TP53", "MDM2", "ACTB", "GAPDH"]
 
@@ -201,13 +201,32 @@ def test_add_prior_starts_as_plain_model(vocab, features):
 def test_prior_is_trained_and_buffers_fixed(vocab, features):
     model = add_prior(small_model(vocab), features)
     from scfoundation.model import mask_batch
-    batch = mask_batch(random_batch(model.config, [8, 8], seed=1), model.config, generator=torch.Generator().manual_seed(0))
+    batch = mask_batch(random_batch(model.config, [8, 8], seed=1), model.config, seed=0)
     model(batch)["loss"].backward()
     gene = model.embedding.gene
     assert gene.projections["GO_BP"].weight.grad.abs().sum() > 0
     assert all(not buffer.requires_grad for buffer in gene.buffers())
     names = {name for name, _ in model.named_parameters()}
     assert not any(name.startswith("embedding.gene.prior_") for name in names)
+
+
+def test_prior_sources_for_one_block(vocab, features):
+    plain, prior = small_model(vocab), set_prior_sources(add_prior(small_model(vocab), features), ["KEGG", "Pfam"])
+    with torch.no_grad():
+        prior.embedding.gene.projections["KEGG"].weight.normal_()
+    batch = random_batch(plain.config, [6, 4], seed=0)
+    with prior_sources(prior, []) as same:
+        assert same is prior and prior.embedding.gene.active == set()
+        assert torch.equal(plain.embed(batch), prior.embed(batch))
+    assert prior.embedding.gene.active == {"KEGG", "Pfam"}
+    with pytest.raises(RuntimeError), prior_sources(prior, ["chromosome"]):
+        assert prior.embedding.gene.active == {"chromosome"}
+        raise RuntimeError("the sources come back after an error too")
+    assert prior.embedding.gene.active == {"KEGG", "Pfam"}
+    with prior_sources(plain, []):                                   # a plain model is its learned embedding
+        assert torch.equal(plain.embed(batch), plain.embed(batch))
+    with pytest.raises(PriorError, match="no prior"), prior_sources(plain, ["KEGG"]):
+        pass
 
 
 def test_add_prior_errors(vocab, features):
@@ -227,33 +246,33 @@ def test_add_prior_errors(vocab, features):
         set_prior_sources(add_prior(small_model(vocab), build_prior_features(vocab, sources=("KEGG",), dim=2)), ["Pfam"])
 
 
-def test_save_load_prior_model(vocab, features, tmp_path):
+def test_save_load_a_prior_model(vocab, features, tmp_path):
     model = add_prior(small_model(vocab), features)
     with torch.no_grad():
         for projection in model.embedding.gene.projections.values(): projection.weight.normal_()
     set_prior_sources(model, ["KEGG", "coexpression"])
-    save_prior_model(model, tmp_path / "m")
-    loaded = load_prior_model(tmp_path / "m", vocab=vocab)
+    model.save_pretrained(tmp_path / "m")
+    loaded = SCFModel.from_pretrained(tmp_path / "m", vocab=vocab)
     batch = random_batch(model.config, [7, 3], seed=2)
     assert torch.equal(loaded.embed(batch), model.embed(batch))
     assert loaded.embedding.gene.active == {"KEGG", "coexpression"}
     assert torch.equal(loaded.embedding.gene.prior_coexpression, model.embedding.gene.prior_coexpression)
     assert not loaded.training
     with pytest.raises(ModelError, match="vocabulary version"):
-        load_prior_model(tmp_path / "m", vocab=Vocab(GENES[::-1]))
+        SCFModel.from_pretrained(tmp_path / "m", vocab=Vocab(GENES[::-1]))
 
 
-def test_load_prior_model_plain_and_corrupt(vocab, features, tmp_path):
+def test_load_plain_and_corrupt_prior_folders(vocab, features, tmp_path):
     plain = small_model(vocab)
-    save_prior_model(plain, tmp_path / "plain")
+    plain.save_pretrained(tmp_path / "plain")
     assert not (tmp_path / "plain" / "prior.json").exists()
-    assert not isinstance(load_prior_model(tmp_path / "plain").embedding.gene, PriorGeneEmbedding)
+    assert not isinstance(SCFModel.from_pretrained(tmp_path / "plain").embedding.gene, PriorGeneEmbedding)
     model = add_prior(small_model(vocab), features)
-    save_prior_model(model, tmp_path / "p")
+    model.save_pretrained(tmp_path / "p")
     header = (tmp_path / "p" / "prior.json").read_text().replace('"KEGG": 4', '"KEGG": 5')
     (tmp_path / "p" / "prior.json").write_text(header)
     with pytest.raises(ModelError, match="config.json and prior.json: save them together with save_pretrained"):
-        load_prior_model(tmp_path / "p")
+        SCFModel.from_pretrained(tmp_path / "p")
 
 
 def test_plain_from_pretrained_restores_the_prior(vocab, features, tmp_path):
@@ -305,55 +324,54 @@ QUICK = dict(steps=6, batch_size=8, lr=3e-3, warmup_steps=2, save_every=2, log_e
 
 
 def pretrained_prior_model(vocab, features, corpus, out_dir, active=("KEGG", "coexpression", "chromosome"), **train):
-    "A tiny prior model, pretrained with train.pretrain (checkpoints every 2 steps); the model and its history."
+    "A tiny prior model, pretrained with train.pretrain (checkpoints every 2 steps); its history in `.history`."
     from scfoundation.train import TrainConfig, pretrain
     model = set_prior_sources(add_prior(small_model(vocab), features), active)
-    history = pretrain(corpus, model, TrainConfig(**QUICK), out_dir, vocab=vocab, progress=False, **train)
-    return model, history
+    return pretrain(corpus, model, TrainConfig(**QUICK), out_dir, vocab=vocab, progress=False, **train)
 
 
-def test_pretrain_checkpoints_carry_the_prior(vocab, features, corpus, tmp_path):
-    from scfoundation.tokenization import CellDataset, collate
-    from scfoundation.train import load_pretrained
-    model, history = pretrained_prior_model(vocab, features, corpus, tmp_path / "run")
-    assert len(history) == 6 and (tmp_path / "run" / "checkpoint-6" / "prior.json").is_file()
-    loaded, loaded_vocab, tokenizer = load_pretrained(tmp_path / "run" / "final")
+def test_pretrain_checkpoints_carry_the_prior_and_the_tokenizer(vocab, features, corpus, tmp_path):
+    from scfoundation.evaluate import embed_cells
+    model = pretrained_prior_model(vocab, features, corpus, tmp_path / "run")
+    assert len(model.history) == 6 and (tmp_path / "run" / "checkpoint-6" / "prior.json").is_file()
+    loaded = SCFModel.from_pretrained(tmp_path / "run" / "final")
     gene = loaded.embedding.gene
     assert isinstance(gene, PriorGeneEmbedding) and gene.sources == PRIOR_SOURCES
-    assert gene.active == {"KEGG", "coexpression", "chromosome"} and loaded_vocab.version == vocab.version
+    assert gene.active == {"KEGG", "coexpression", "chromosome"}
     assert torch.equal(gene.prior_coexpression, model.embedding.gene.prior_coexpression)
-    batch = collate(CellDataset(corpus[:16], tokenizer).__getitems__(np.arange(16)))
-    assert torch.equal(loaded.embed(batch), model.embed(batch))
+    assert loaded.tokenizer is not None and loaded.tokenizer.to_dict() == model.tokenizer.to_dict()
+    assert loaded.tokenizer.vocab.version == model.tokenizer.vocab.version == loaded.config.vocab_version
+    np.testing.assert_array_equal(loaded.tokenizer.vocab.medians, model.tokenizer.vocab.medians)
+    np.testing.assert_array_equal(embed_cells(loaded, corpus[:16]), embed_cells(model, corpus[:16]))  # each with its own tokenizer
     trained = {name: tensor for name, tensor in model.state_dict().items() if "projections" in name}
     assert any(tensor.abs().sum() > 0 for tensor in trained.values())   # the projections left zero: they were trained
 
 
 def test_pretrain_resumes_a_prior_model_exactly(vocab, features, corpus, tmp_path):
     from scfoundation.train import CheckpointError, TrainConfig, pretrain
-    _, whole = pretrained_prior_model(vocab, features, corpus, tmp_path / "whole")
+    whole = pretrained_prior_model(vocab, features, corpus, tmp_path / "whole").history
     pretrained_prior_model(vocab, features, corpus, tmp_path / "cut", stop_after=3)
     with pytest.raises(CheckpointError, match="prior.json"):           # other active sources: another run
         pretrained_prior_model(vocab, features, corpus, tmp_path / "cut", active=("KEGG",))
     with pytest.raises(CheckpointError, match="prior.json"):           # no prior at all
         pretrain(corpus, small_model(vocab), TrainConfig(**QUICK), tmp_path / "cut", vocab=vocab, progress=False)
-    _, resumed = pretrained_prior_model(vocab, features, corpus, tmp_path / "cut")
+    resumed = pretrained_prior_model(vocab, features, corpus, tmp_path / "cut").history
     assert resumed.loss.tolist() == whole.loss.tolist()
 
 
 def test_pretrained_folder_with_a_bad_prior_json(vocab, features, corpus, tmp_path):
-    from scfoundation.train import load_pretrained
     pretrained_prior_model(vocab, features, corpus, tmp_path / "run")
     path = tmp_path / "run" / "final" / "prior.json"
     header = json.loads(path.read_text())
     path.write_text(json.dumps({**header, "dims": {**header["dims"], "KEGG": 7}}))
     with pytest.raises(ModelError, match=r"shape mismatch for embedding\.gene\.prior_KEGG.*config\.json and prior\.json"):
-        load_pretrained(tmp_path / "run" / "final")
+        SCFModel.from_pretrained(tmp_path / "run" / "final")
     path.write_text(json.dumps(header)[:40])
     with pytest.raises(ModelError, match="not valid JSON.*save_pretrained"):
-        load_pretrained(tmp_path / "run" / "final")
+        SCFModel.from_pretrained(tmp_path / "run" / "final")
     path.write_text(json.dumps({**header, "vocab_version": "0000000000000000"}))
     with pytest.raises(PriorError, match="different models.*model.save_pretrained"):
-        load_pretrained(tmp_path / "run" / "final")
+        SCFModel.from_pretrained(tmp_path / "run" / "final")
 
 
 # --- homology ------------------------------------------------------------------------------------

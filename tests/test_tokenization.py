@@ -10,11 +10,11 @@ import scipy.sparse as sp
 import torch
 
 from scfoundation.data import DataError, load_pbmc68k
-from scfoundation.genes import Vocab
-from scfoundation.tokenization import (CLS_ID, PAD_ID, BinningTokenizer, CellDataset, ContinuousTokenizer,
-                                       RankValueTokenizer, collate, column_token_ids, compute_gene_medians,
-                                       count_bins, hash_uint32, iter_tokenized, log_normalise, quantile_bins, segment_sort,
-                                       tokenizer_from_dict)
+from scfoundation.data import log_normalise_values as log_normalise
+from scfoundation.genes import CLS_ID, PAD_ID, Vocab
+from scfoundation.tokenization import (TOKENIZERS, BinningTokenizer, CellDataset, ContinuousTokenizer, RankValueTokenizer,
+                                       collate, column_token_ids, compute_gene_medians, count_bins, hash_uint32,
+                                       iter_tokenized, quantile_bins, segment_sort, tokenizer_for, tokenizer_from_dict)
 
 
 # ---------------------------------------------------------------- per-cell references (one sort per cell)
@@ -77,6 +77,7 @@ def assert_same(cells, references):
     assert len(cells) == len(references)
     for index, reference in enumerate(references):
         got = cells.cell(index)
+        assert got.pop("cell_id") == index                                 # the default cell ids: 0 … n - 1
         assert set(got) == set(reference), (got.keys(), reference.keys())
         for key in reference: np.testing.assert_array_equal(got[key], reference[key], err_msg=f"cell {index}, {key}")
 
@@ -252,8 +253,61 @@ def test_collate_contract_and_batch_padding():
     assert batch["depth"].shape == (3, 2)
     np.testing.assert_allclose(batch["depth"][:, 0].numpy(), np.log10(adata.X[[3, 0, 7]].sum(axis=1).A1), rtol=1e-6)
     binned = collate(CellDataset(adata, BinningTokenizer(vocab, 64), seed=0).__getitems__([1, 2]))
-    assert set(binned) == {"input_ids", "attention_mask", "value_ids"}
+    assert set(binned) == {"input_ids", "attention_mask", "value_ids", "cell_ids"}
     assert binned["value_ids"][binned["attention_mask"]][1:].min() >= 0 and binned["value_ids"].max() <= 51
+
+
+def test_collate_carries_cell_ids():
+    adata, vocab = generated(seed=5)
+    dataset = CellDataset(adata, BinningTokenizer(vocab, 16), seed=0)
+    batch = collate(dataset.__getitems__([3, 0, 7]))
+    assert batch["cell_ids"].dtype == torch.int64 and batch["cell_ids"].tolist() == [3, 0, 7]
+    listed = collate([dataset[i] for i in (3, 0, 7)])                     # per-cell dicts give the same batch
+    assert set(listed) == set(batch) and all(torch.equal(listed[key], batch[key]) for key in batch)
+    assert collate(BinningTokenizer(vocab, 16).tokenize_adata(adata[:4])).get("cell_ids").tolist() == [0, 1, 2, 3]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, shuffle=True, collate_fn=collate,
+                                         generator=torch.Generator().manual_seed(0))
+    for batch in loader:                                                  # each row says which cell it is
+        again = collate(dataset.__getitems__(batch["cell_ids"].numpy()))
+        assert all(torch.equal(again[key], batch[key]) for key in batch)
+
+
+def test_dataloader_without_collate_names_it():
+    adata, vocab = generated(seed=5)
+    loader = torch.utils.data.DataLoader(CellDataset(adata, BinningTokenizer(vocab, 16)), batch_size=4)
+    with pytest.raises(TypeError, match="collate_fn=scfoundation.tokenization.collate"): next(iter(loader))
+
+
+def test_tokenizer_names_are_the_input_kinds():
+    from scfoundation.model import INPUT_KINDS, ModelConfig
+    assert list(TOKENIZERS) == list(INPUT_KINDS) == ["rank", "bins", "continuous"]
+    adata, vocab = generated(seed=12)
+    vocab = tied_medians(vocab)
+    for name, scheme in TOKENIZERS.items():
+        assert scheme.name == name == INPUT_KINDS[name].name
+        batch = collate(scheme.for_model(vocab, max_length=30).tokenize_adata(adata))
+        assert set(INPUT_KINDS[name].batch_keys) <= set(batch), name     # the tokenizer feeds its kind's model
+        assert ModelConfig(vocab_size=len(vocab), input_kind=name).kind is INPUT_KINDS[name]
+
+
+def test_tokenizer_for_computes_medians_only_when_needed():
+    adata, vocab = generated(seed=11)
+    calls = []
+    def medians():
+        calls.append(1)
+        return compute_gene_medians(adata, vocab)
+    rank = tokenizer_for("rank", vocab, max_length=33, gene_medians=medians)
+    assert isinstance(rank, RankValueTokenizer) and rank.max_length == 33 and calls == [1]
+    np.testing.assert_array_equal(rank.vocab.medians, compute_gene_medians(adata, vocab))
+    assert vocab.medians is None and rank.vocab.version == vocab.version              # the caller's vocabulary is kept
+    again = tokenizer_for("rank", rank.vocab, max_length=33, gene_medians=medians)
+    assert calls == [1] and again.vocab is rank.vocab                                  # it has medians: not recomputed
+    bins = tokenizer_for("bins", vocab, max_length=20, n_bins=7, gene_medians=medians)
+    assert isinstance(bins, BinningTokenizer) and (bins.max_length, bins.n_bins) == (20, 7)
+    continuous = tokenizer_for("continuous", vocab, max_length=21, gene_medians=medians)
+    assert isinstance(continuous, ContinuousTokenizer) and continuous.max_length == 21 and calls == [1]
+    with pytest.raises(DataError, match="needs gene medians.*gene_medians="): tokenizer_for("rank", vocab, 10)
+    with pytest.raises(DataError, match="input kind 'words' has no tokenizer"): tokenizer_for("words", vocab, 10)
 
 
 def test_dataloader_batches_match_direct_tokenization_and_epochs_resample():

@@ -1,25 +1,34 @@
-"""Tests of scfoundation.train: config, schedule, data order, gradient accumulation, checkpoints,
-resume after SIGKILL, DDP on two CPU processes, bad checkpoints, embeddings."""
+"""Tests of scfoundation.train: config, schedule, data order, gradient accumulation, the model pretrain returns,
+checkpoints, exact resume (stop_after, SIGKILL), finished runs, the cache, DDP and FSDP on two CPU processes, bad checkpoints."""
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file
 
+import scfoundation.train as train_module
+from scfoundation.data import DataError
+from scfoundation.evaluate import embed_cells
 from scfoundation.genes import Vocab
-from scfoundation.model import ModelConfig, SCFModel, mask_batch, random_batch
-from scfoundation.train import (CheckpointError, TrainConfig, accumulate_gradients, embed_adata, find_latest_checkpoint,
-                                learning_rate, load_pretrained, micro_batch_indices, pretrain, read_checkpoint)
+from scfoundation.model import ModelConfig, ModelError, SCFModel, mask_batch, random_batch
+from scfoundation.tokenization import RankValueTokenizer
+from scfoundation.train import (RESULT_FREE_FIELDS, CheckpointError, TrainConfig, accumulate_gradients, build_model,
+                                cache_key, code_version, default_cache_dir, find_latest_checkpoint, learning_rate,
+                                micro_batch_indices, pretrain, read_checkpoint, training_stream)
 
 N_GENES, N_CELLS = 60, 48
 TINY = dict(input_kind="rank", d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=40)
@@ -51,13 +60,41 @@ def adata(genes): return make_counts(genes)
 
 @pytest.fixture(scope="module")
 def trained(adata, tmp_path_factory):
+    "A finished run of 4 steps: its folder and the model pretrain returned."
     out = tmp_path_factory.mktemp("run")
-    history = pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), out, progress=False)
-    return out, history
+    return out, pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), out, progress=False)
 
 
 def files_snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def same_weights(first, second):
+    one, two = first.state_dict(), second.state_dict()
+    return one.keys() == two.keys() and all(torch.equal(one[key].cpu(), two[key].cpu()) for key in one)
+
+
+def launch(script, *args, launcher=(sys.executable,)):
+    return subprocess.Popen([*launcher, str(script), *map(str, args)], env=SUBPROCESS_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def finish(processes, timeout=180):
+    for process in processes:
+        _, errors = process.communicate(timeout=timeout)
+        assert process.returncode == 0, errors.decode()[-3000:]
+
+
+def run_in_process(script, *args, monkeypatch):
+    "Run a worker script in this process, as `python script args…` would (no start-up cost: the imports are done)."
+    import runpy
+    monkeypatch.setattr(sys, "argv", [str(script), *map(str, args)])
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def torchrun(n):
+    return (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+            "--master_port", str(29500 + (os.getpid() + n * 37) % 1000))
 
 
 # --- config, schedule, data order --------------------------------------------------------------------
@@ -68,7 +105,7 @@ def test_train_config_json_and_errors():
     for bad, words in [(dict(batch_size=5, grad_accum=2), "multiple of grad_accum"), (dict(mask_prob=1.5), "mask_prob"),
                        (dict(precision="fp16"), "precision"), (dict(device="tpu"), "device"), (dict(steps=0), "steps")]:
         with pytest.raises(ValueError, match=words): TrainConfig(**bad)
-    with pytest.raises(ValueError, match="no fields"): TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match=r"TrainConfig has unknown keys \['stepz'\]: no fields"): TrainConfig.from_dict({"stepz": 3})
 
 
 def test_learning_rate_warmup_then_cosine():
@@ -90,7 +127,7 @@ def test_micro_batches_cover_each_epoch_and_depend_on_seed():
 def test_gradient_accumulation_equals_one_big_batch():
     config = ModelConfig(vocab_size=50, **{**TINY, "max_len": 64})
     torch.manual_seed(0); model = SCFModel(config).train()
-    whole = mask_batch(random_batch(config, [3, 12, 7, 20, 5, 9], seed=4), config, 0.3, torch.Generator().manual_seed(1))
+    whole = mask_batch(random_batch(config, [3, 12, 7, 20, 5, 9], seed=4), config, 0.3, seed=1)
     def grads(batches, accum):
         model.zero_grad(); accumulate_gradients(model, batches, TrainConfig(batch_size=6, grad_accum=accum), torch.device("cpu"))
         return [p.grad.clone() for p in model.parameters()]
@@ -98,38 +135,49 @@ def test_gradient_accumulation_equals_one_big_batch():
     for one, three in zip(grads([whole], 1), grads(parts, 3)): torch.testing.assert_close(one, three, atol=1e-6, rtol=1e-5)
 
 
-# --- the run and its files ---------------------------------------------------------------------------
+# --- the run, its files and the model it returns ----------------------------------------------------
 
-def test_pretrain_layout_history_and_final(trained, adata):
-    out, history = trained
+def test_pretrain_returns_the_model_with_history_and_tokenizer(trained, adata):
+    out, model = trained
+    assert isinstance(model, SCFModel)
+    history = model.history
     assert list(history.columns) == ["step", "loss", "lr", "grad_norm", "masked", "tokens_per_s"]
     assert history.step.tolist() == [1, 2, 3, 4] and np.isfinite(history.loss).all()
+    assert isinstance(model.tokenizer, RankValueTokenizer) and model.tokenizer.name == "rank"
+    assert model.tokenizer.vocab.version == model.config.vocab_version and model.config.tokenizer == model.tokenizer.to_dict()
+    assert model.config.vocab_size == N_GENES + 3 and model.tokenizer.vocab.medians is not None   # medians computed for rank
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4", "final"]
     assert sorted(p.name for p in (out / "checkpoint-4").iterdir()) == [
         "config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json", "vocab.json"]
+    assert sorted(p.name for p in (out / "final").iterdir()) == [
+        "config.json", "history.json", "model.safetensors", "train_config.json", "vocab.json"]
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["step"] == 4 and [row["loss"] for row in state["history"]] == history.loss.tolist()
-    model = SCFModel.from_pretrained(out / "final")
-    assert model.config.vocab_size == N_GENES + 3 and model.config.tokenizer["name"] == "rank_value"
+    loaded = SCFModel.from_pretrained(out / "final")
+    assert same_weights(loaded, model) and loaded.config == model.config
+    assert loaded.tokenizer.to_dict() == model.tokenizer.to_dict() and loaded.tokenizer.vocab == model.tokenizer.vocab
+    assert json.loads((out / "final" / "history.json").read_text()) == history.to_dict("records")
     suffixes = {p.suffix for p in out.rglob("*") if p.is_file()}
     assert suffixes <= {".json", ".safetensors"}                      # no pickle anywhere
 
 
 def test_pretrain_is_deterministic_and_bf16_runs(adata, tmp_path):
     config = TrainConfig(**{**QUICK, "steps": 2, "save_every": 0})
-    first = pretrain(adata, ModelConfig(**TINY), config, tmp_path / "a", progress=False)
-    second = pretrain(adata, ModelConfig(**TINY), config, tmp_path / "b", progress=False)
+    first = pretrain(adata, ModelConfig(**TINY), config, tmp_path / "a", progress=False).history
+    second = pretrain(adata, ModelConfig(**TINY), config, tmp_path / "b", progress=False).history
     assert first.loss.tolist() == second.loss.tolist()
-    bf16 = pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**config.to_dict(), "precision": "bf16"}), tmp_path / "c", progress=False)
+    bf16 = pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**config.to_dict(), "precision": "bf16"}), tmp_path / "c",
+                    progress=False).history
     assert np.isfinite(bf16.loss).all() and abs(bf16.loss[0] - first.loss[0]) < 0.1
 
 
 def test_stop_after_then_resume_equals_uninterrupted(trained, adata, tmp_path):
     _, whole = trained
     partial = pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), tmp_path, progress=False, stop_after=3)
-    assert len(partial) == 3 and not (tmp_path / "final").exists()
+    assert len(partial.history) == 3 and not (tmp_path / "final").exists() and (tmp_path / "checkpoint-3").is_dir()
     resumed = pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), tmp_path, progress=False)
-    assert resumed.loss.tolist() == whole.loss.tolist()
+    assert resumed.history.loss.tolist() == whole.history.loss.tolist()
+    assert same_weights(resumed, whole)
 
 
 WORKER = textwrap.dedent("""
@@ -143,89 +191,226 @@ WORKER = textwrap.dedent("""
 """).format(tiny=TINY)
 
 
-def test_resume_after_sigkill_continues_the_curve_exactly(adata, tmp_path):
+def test_resume_after_sigkill_continues_the_curve_exactly(adata, tmp_path, monkeypatch):
     adata.write_h5ad(tmp_path / "cells.h5ad")
     (tmp_path / "worker.py").write_text(WORKER)
-    config = TrainConfig(steps=80, batch_size=8, lr=3e-3, warmup_steps=5, save_every=10, keep_last=0)
+    config = TrainConfig(steps=40, batch_size=8, lr=3e-3, warmup_steps=5, save_every=5, keep_last=0)
     (tmp_path / "config.json").write_text(config.to_json())
-    run = lambda out: subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "cells.h5ad"), str(out),
-                                        str(tmp_path / "config.json")], env=SUBPROCESS_ENV, stderr=subprocess.PIPE)
+    run = lambda out: launch(tmp_path / "worker.py", tmp_path / "cells.h5ad", out, tmp_path / "config.json")
     victim = run(tmp_path / "killed")
     deadline = time.time() + 60
     while find_latest_checkpoint(tmp_path / "killed") is None and victim.poll() is None and time.time() < deadline: time.sleep(0.01)
     victim.send_signal(signal.SIGKILL); victim.wait()
     assert victim.returncode == -signal.SIGKILL and not (tmp_path / "killed" / "final").exists(), "the run ended before it was killed"
     killed_at = read_checkpoint(find_latest_checkpoint(tmp_path / "killed"))["state"]["step"]
-    assert 10 <= killed_at < config.steps
-    processes = [run(tmp_path / out) for out in ("killed", "whole")]  # resume; and, beside it, the uninterrupted run
-    for process in processes:
-        _, errors = process.communicate(timeout=120)
-        assert process.returncode == 0, errors.decode()[-2000:]
+    assert 5 <= killed_at < config.steps
+    resuming = run(tmp_path / "killed")
+    run_in_process(tmp_path / "worker.py", tmp_path / "cells.h5ad", tmp_path / "whole", tmp_path / "config.json",
+                   monkeypatch=monkeypatch)                           # beside it, the uninterrupted run
+    finish([resuming])
     resumed = json.loads((tmp_path / "killed" / "final" / "history.json").read_text())
     whole = json.loads((tmp_path / "whole" / "final" / "history.json").read_text())
     assert [row["step"] for row in resumed] == list(range(1, config.steps + 1))
     np.testing.assert_allclose([row["loss"] for row in resumed], [row["loss"] for row in whole], rtol=0, atol=1e-6)
 
 
-# --- several processes -------------------------------------------------------------------------------
-
-DDP_WORKER = textwrap.dedent("""
-    import json, sys, torch, anndata as ad, torch.distributed as dist
-    from pathlib import Path
-    from safetensors.torch import save_file
-    from torch.nn.parallel import DistributedDataParallel
-    from scfoundation.genes import Vocab
-    from scfoundation.model import ModelConfig, SCFModel
-    from scfoundation.train import (TrainConfig, _step_loader, accumulate_gradients, masked_step_batches,
-                                    prepare_training_data, pretrain, setup_distributed)
-    data, out = ad.read_h5ad(sys.argv[1]), Path(sys.argv[2])
-    config = TrainConfig(steps=3, batch_size=8, grad_accum=2, lr=3e-3, warmup_steps=1, save_every=0)
-    rank, world_size = setup_distributed(torch.device("cpu"))
-    vocab = Vocab.from_genes(list(data.var_names))
-    dataset, vocab, tokenizer, model_config = prepare_training_data(data, ModelConfig(**{tiny}), vocab)
-    torch.manual_seed(0); model = SCFModel(model_config).train()
-    wrapped = DistributedDataParallel(model, find_unused_parameters=True) if world_size > 1 else model
-    masked = masked_step_batches(iter(_step_loader(dataset, 0, config)), 0, model_config, config)
-    loss, _, _ = accumulate_gradients(wrapped, masked, config, torch.device("cpu"), rank, world_size)
-    history = pretrain(data, ModelConfig(**{tiny}), config, out / "run", vocab=vocab, progress=False)
-    if rank == 0:
-        save_file({{name: p.grad.contiguous() for name, p in model.named_parameters() if p.grad is not None}}, str(out / "grads.safetensors"))
-        (out / "losses.json").write_text(json.dumps({{"step_loss": loss, "history": history.loss.tolist(), "world_size": world_size}}))
-    if world_size > 1: dist.destroy_process_group()
-""").format(tiny=TINY)
-
-
-def test_ddp_on_two_processes_gives_single_process_gradients(adata, tmp_path):
-    adata.write_h5ad(tmp_path / "cells.h5ad")
-    (tmp_path / "worker.py").write_text(DDP_WORKER)
-    commands = {"single": [sys.executable], "ddp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                                   "--master_port", str(29500 + os.getpid() % 1000)]}
-    processes = []
-    for name, launcher in commands.items():                       # both at once
-        (tmp_path / name).mkdir()
-        processes.append(subprocess.Popen(launcher + [str(tmp_path / "worker.py"), str(tmp_path / "cells.h5ad"), str(tmp_path / name)],
-                                          env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-    for process in processes:
-        _, errors = process.communicate(timeout=180)
-        assert process.returncode == 0, errors.decode()[-3000:]
-    single, ddp = (json.loads((tmp_path / name / "losses.json").read_text()) for name in commands)
-    assert (single["world_size"], ddp["world_size"]) == (1, 2)
-    single_grads, ddp_grads = (load_file(str(tmp_path / name / "grads.safetensors")) for name in commands)
-    assert single_grads.keys() == ddp_grads.keys() and len(single_grads) > 5
-    for key in single_grads: torch.testing.assert_close(ddp_grads[key], single_grads[key], atol=1e-6, rtol=1e-5)
-    assert ddp["step_loss"] == pytest.approx(single["step_loss"], abs=1e-6)
-    np.testing.assert_allclose(ddp["history"], single["history"], atol=1e-5)
-    assert (tmp_path / "ddp" / "run" / "final" / "model.safetensors").is_file()
-
-
-# --- bad input ---------------------------------------------------------------------------------------
+# --- finished runs and the cache ---------------------------------------------------------------------
 
 @pytest.fixture
 def run_copy(trained, tmp_path):
-    import shutil
     out = tmp_path / "run"; shutil.copytree(trained[0], out)
     return out
 
+
+def no_training(monkeypatch):
+    "Make any optimizer step an error: what runs after this only loads."
+    def refuse(*args, **kwargs): raise AssertionError("a step was trained")
+    monkeypatch.setattr(train_module, "train_step", refuse)
+
+
+def test_a_finished_run_warns_and_trains_nothing(run_copy, trained, adata, monkeypatch):
+    before = files_snapshot(run_copy)
+    no_training(monkeypatch)
+    with pytest.warns(UserWarning, match="already holds this finished run of 4 steps.*trained nothing"):
+        again = pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), run_copy, progress=False)
+    assert files_snapshot(run_copy) == before
+    pd.testing.assert_frame_equal(again.history, trained[1].history)
+    assert same_weights(again, trained[1]) and again.tokenizer.to_dict() == trained[1].tokenizer.to_dict()
+
+
+def test_lowering_steps_of_a_run_is_refused(run_copy, adata):
+    before = files_snapshot(run_copy)
+    with pytest.raises(CheckpointError, match="trained 4 steps, more than steps=2"):
+        pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**QUICK, "steps": 2}), run_copy, progress=False)
+    assert files_snapshot(run_copy) == before
+
+
+def test_cache_trains_once_and_keys_on_the_settings(adata, tmp_path, monkeypatch, capsys):
+    config = TrainConfig(**{**QUICK, "save_every": 0})
+    first = pretrain(adata, ModelConfig(**TINY), config, cache=tmp_path, progress=False)
+    folders = sorted(tmp_path.iterdir())
+    assert len(folders) == 1 and (folders[0] / "final").is_dir() and len(folders[0].name) == 16
+    before = files_snapshot(tmp_path)
+    with monkeypatch.context() as patch:
+        no_training(patch)
+        capsys.readouterr()
+        second = pretrain(adata, ModelConfig(**TINY), config, cache=tmp_path, progress=False)
+        assert f"loaded the cached run {folders[0]}" in capsys.readouterr().out
+        quieter = TrainConfig(**{**config.to_dict(), "log_every": 3, "keep_last": 5, "num_workers": 0})
+        pretrain(adata, ModelConfig(**TINY), quieter, cache=tmp_path, progress=False)   # fields that change no number
+    assert set(RESULT_FREE_FIELDS) >= {"log_every", "keep_last"}
+    pd.testing.assert_frame_equal(second.history, first.history)
+    assert same_weights(second, first) and files_snapshot(tmp_path) == before
+    other = pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**config.to_dict(), "seed": 1}), cache=tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 2 and other.history.loss.tolist() != first.history.loss.tolist()
+    with pytest.raises(DataError, match="pass out_dir or cache, not both"):
+        pretrain(adata, ModelConfig(**TINY), config, tmp_path / "run", cache=tmp_path, progress=False)
+
+
+def test_cache_true_uses_the_default_folder(adata, tmp_path, monkeypatch):
+    monkeypatch.delenv("SCF_CACHE_DIR", raising=False)
+    (tmp_path / "project" / "notebooks").mkdir(parents=True)
+    (tmp_path / "project" / "pyproject.toml").write_text("")
+    monkeypatch.chdir(tmp_path / "project" / "notebooks")
+    assert default_cache_dir() == tmp_path / "project" / ".scfoundation-cache"
+    monkeypatch.setenv("SCF_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert default_cache_dir() == tmp_path / "elsewhere"
+    pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**QUICK, "steps": 1}), cache=True, progress=False)
+    assert [p.name for p in (tmp_path / "elsewhere").iterdir() if (p / "final").is_dir()] and \
+        not (tmp_path / "project" / ".scfoundation-cache").exists()
+
+
+def cache_key_of(data, model_config=ModelConfig(**TINY), train_config=TrainConfig(**QUICK)):
+    stream = training_stream(data, model_config, train_config)
+    return cache_key(stream, build_model(model_config, stream.tokenizer, train_config.seed), train_config)
+
+
+def test_cache_key_tracks_data_model_and_settings_not_entry_order(adata):
+    base = cache_key_of(adata)
+    assert cache_key_of(adata) == base
+    shuffled = adata.copy()
+    matrix = shuffled.X.tocsr()
+    order = np.concatenate([np.arange(start, stop)[::-1] for start, stop in zip(matrix.indptr[:-1], matrix.indptr[1:])])
+    shuffled.X = sp.csr_matrix((matrix.data[order], matrix.indices[order], matrix.indptr), shape=matrix.shape)
+    assert not shuffled.X.has_sorted_indices
+    assert cache_key_of(shuffled) == base                                   # the same counts, stored in another order
+    changed = adata.copy()
+    changed.X = changed.X.tocsr(copy=True)
+    changed.X.data[0] += 1
+    assert cache_key_of(changed) != base
+    assert cache_key_of(adata, train_config=TrainConfig(**{**QUICK, "steps": 5})) != base
+    assert cache_key_of(adata, model_config=ModelConfig(**{**TINY, "d_model": 64})) != base
+    assert cache_key_of(adata, train_config=TrainConfig(**{**QUICK, "save_every": 1, "log_every": 7, "device": "cpu"})) == base
+
+
+def test_editing_the_code_changes_the_cache_key(adata, tmp_path, monkeypatch):
+    model = SCFModel(ModelConfig(vocab_size=N_GENES + 3, **TINY))
+    base = code_version(model)
+    assert code_version(model) == base and len(base) == 16
+    config = TrainConfig(**{**QUICK, "steps": 1, "save_every": 0})
+    pretrain(adata, ModelConfig(**TINY), config, cache=tmp_path / "cache", progress=False)
+    real_find_spec = importlib.util.find_spec
+    source = Path(real_find_spec("scfoundation.model").origin)
+    edited = tmp_path / "model.py"
+    edited.write_bytes(source.read_bytes() + b"\n# an edit\n")            # what editing the notebook and exporting does
+    def find_spec(name, *args, **kwargs):
+        return SimpleNamespace(origin=str(edited)) if name == "scfoundation.model" else real_find_spec(name, *args, **kwargs)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert code_version(model) != base
+    pretrain(adata, ModelConfig(**TINY), config, cache=tmp_path / "cache", progress=False)   # not the old run
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    monkeypatch.undo()
+    assert code_version(model) == base
+
+
+# --- several processes -------------------------------------------------------------------------------
+
+FSDP_CONFIG = TrainConfig(steps=3, batch_size=8, lr=3e-3, warmup_steps=1, save_every=2)
+
+WORKER_2P = textwrap.dedent("""
+    import json, sys, torch, anndata as ad, torch.distributed as dist
+    from pathlib import Path
+    from safetensors.torch import save_file
+    from scfoundation.genes import Vocab
+    from scfoundation.model import ModelConfig
+    from scfoundation.train import TrainConfig, build_model, pretrain, setup_distributed, train_step, training_stream, wrap_model
+
+    class KeepGradients:  # an optimizer that updates nothing: train_step's gradients stay on the model
+        param_groups = []
+        def step(self): pass
+        def zero_grad(self, set_to_none=True): pass
+
+    data, out = ad.read_h5ad(sys.argv[1]), Path(sys.argv[2])   # cells in memory
+    config = TrainConfig(steps=3, batch_size=8, grad_accum=2, lr=3e-3, warmup_steps=1, save_every=0, clip_norm=0)
+    device = torch.device("cpu")
+    rank, world_size = setup_distributed(device)
+    vocab = Vocab.from_genes(list(data.var_names))
+    stream = training_stream(data, ModelConfig(**{tiny}), config, vocab, rank=rank, world_size=world_size)
+    model = build_model(ModelConfig(**{tiny}), stream.tokenizer, config.seed).train()
+    seen = []
+    def recorded(batches):
+        for batch in batches: seen.append(batch["cell_ids"].tolist()); yield batch
+    row = train_step(wrap_model(model, False, world_size), KeepGradients(), recorded(stream.batches(0)), 0, model.config,
+                     config, device, rank, world_size)
+    cells = [None] * world_size
+    if world_size > 1: dist.all_gather_object(cells, seen[:config.grad_accum])
+    else: cells = [seen[:config.grad_accum]]
+    history = pretrain(data, ModelConfig(**{tiny}), config, out / "run", vocab=vocab, progress=False).history
+    if rank == 0:
+        save_file({{name: p.grad.contiguous() for name, p in model.named_parameters() if p.grad is not None}}, str(out / "grads.safetensors"))
+        (out / "losses.json").write_text(json.dumps({{"step": row["loss"], "masked": row["masked"], "cells": cells,
+                                                     "history": history.loss.tolist(), "world_size": world_size}}))
+    if world_size > 1:   # FSDP on the same cells in memory (it used to take a corpus only)
+        pretrain(data, ModelConfig(**{tiny}), TrainConfig.from_json(sys.argv[3]), out / "fsdp", vocab=vocab, fsdp=True, progress=False)
+        dist.destroy_process_group()
+""").format(tiny=TINY)
+
+
+@pytest.fixture(scope="module")
+def two_processes(adata, tmp_path_factory):
+    "One torchrun of two gloo processes (DDP, then FSDP) and, meanwhile, the same DDP worker on one process in this one."
+    folder = tmp_path_factory.mktemp("processes")
+    adata.write_h5ad(folder / "cells.h5ad")
+    (folder / "worker.py").write_text(WORKER_2P)
+    (folder / "fsdp.json").write_text(FSDP_CONFIG.to_json())
+    for name in ("single", "ddp"): (folder / name).mkdir()
+    started = launch(folder / "worker.py", folder / "cells.h5ad", folder / "ddp", folder / "fsdp.json", launcher=torchrun(2))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        run_in_process(folder / "worker.py", folder / "cells.h5ad", folder / "single", folder / "fsdp.json", monkeypatch=monkeypatch)
+    finish([started])
+    return folder
+
+
+def test_ddp_on_two_processes_gives_single_process_gradients(two_processes):
+    launchers = ("single", "ddp")
+    single, ddp = (json.loads((two_processes / name / "losses.json").read_text()) for name in launchers)
+    assert (single["world_size"], ddp["world_size"]) == (1, 2)
+    for micro, cells in enumerate(single["cells"][0]):                        # each rank streams its half of each micro-batch
+        assert ddp["cells"][0][micro] + ddp["cells"][1][micro] == cells and len(ddp["cells"][0][micro]) == len(cells) // 2
+    single_grads, ddp_grads = (load_file(str(two_processes / name / "grads.safetensors")) for name in launchers)
+    assert single_grads.keys() == ddp_grads.keys() and len(single_grads) > 5
+    for key in single_grads: torch.testing.assert_close(ddp_grads[key], single_grads[key], atol=1e-6, rtol=1e-5)
+    assert ddp["masked"] == single["masked"] and ddp["step"] == pytest.approx(single["step"], abs=1e-6)
+    np.testing.assert_allclose(ddp["history"], single["history"], atol=1e-5)
+    assert (two_processes / "ddp" / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_fsdp_on_two_processes_trains_in_memory_cells_and_saves_a_loadable_model(two_processes, adata, tmp_path):
+    fsdp = two_processes / "ddp" / "fsdp"
+    assert sorted(p.name for p in fsdp.iterdir()) == ["checkpoint-2", "checkpoint-3", "final"]
+    model = SCFModel.from_pretrained(fsdp / "final")
+    assert model.tokenizer is not None and model.tokenizer.vocab.version == model.config.vocab_version
+    single = pretrain(adata, ModelConfig(**TINY), FSDP_CONFIG, tmp_path, vocab=Vocab.from_genes(list(adata.var_names)), progress=False)
+    history = json.loads((fsdp / "final" / "history.json").read_text())
+    np.testing.assert_allclose([row["loss"] for row in history], single.history.loss, atol=1e-5)
+    for key, value in single.state_dict().items(): torch.testing.assert_close(model.state_dict()[key], value, atol=1e-4, rtol=1e-4)
+    checkpoint = read_checkpoint(fsdp / "checkpoint-2")
+    assert checkpoint["state"]["world_size"] == 2 and checkpoint["optimizer_state"]["state"]   # the full optimizer state, gathered
+    resumed = SCFModel.from_pretrained(fsdp / "checkpoint-2")                  # a checkpoint is a pretrained folder too
+    assert resumed.tokenizer.to_dict() == model.tokenizer.to_dict()
+
+
+# --- bad input ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage, words", [
     (lambda out: (out / "checkpoint-4" / "model.safetensors").write_bytes((out / "checkpoint-4" / "model.safetensors").read_bytes()[:500]), "corrupt or truncated"),
@@ -260,16 +445,19 @@ def test_mismatched_run_is_refused_and_nothing_is_overwritten(run_copy, adata, g
 
 def test_extending_a_finished_run(run_copy, adata):
     longer = pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**QUICK, "steps": 6}), run_copy, progress=False)
-    assert longer.step.tolist() == [1, 2, 3, 4, 5, 6] and (run_copy / "checkpoint-6").is_dir()
+    assert longer.history.step.tolist() == [1, 2, 3, 4, 5, 6] and (run_copy / "checkpoint-6").is_dir()
 
 
-def test_load_pretrained_checks_the_vocabulary(run_copy, genes):
-    model, vocab, tokenizer = load_pretrained(run_copy / "final")
-    assert vocab.version == model.config.vocab_version and tokenizer.name == "rank_value"
+def test_the_final_folder_checks_its_vocabulary(run_copy, genes, adata):
+    model = SCFModel.from_pretrained(run_copy / "final")
+    assert model.tokenizer.vocab.version == model.config.vocab_version and model.tokenizer.name == "rank"
     Vocab.from_genes(genes[:30]).save(run_copy / "final" / "vocab.json")
-    with pytest.raises(ValueError, match="vocabulary version"): load_pretrained(run_copy / "final")
+    with pytest.raises(ModelError, match="vocab.json has version .* the model was trained with"):
+        SCFModel.from_pretrained(run_copy / "final")
     (run_copy / "final" / "vocab.json").unlink()
-    with pytest.raises(CheckpointError, match="no vocab.json"): load_pretrained(run_copy / "final")
+    bare = SCFModel.from_pretrained(run_copy / "final")
+    assert bare.tokenizer is None
+    with pytest.raises(DataError, match="no tokenizer"): embed_cells(bare, adata)
 
 
 def test_pretrain_leaves_the_input_unchanged_and_rejects_tiny_data(genes, tmp_path):
@@ -282,29 +470,23 @@ def test_pretrain_leaves_the_input_unchanged_and_rejects_tiny_data(genes, tmp_pa
     assert dict(data.obsm) == before[3] and dict(data.uns) == before[4]
 
 
-# --- embeddings --------------------------------------------------------------------------------------
-
-def test_embed_adata_copy_semantics_and_equivalent_inputs(trained, adata):
-    out, _ = trained
-    embedded = embed_adata(out / "final", adata, batch_size=10, progress=False)
-    assert embedded is not adata and "X_scf" not in adata.obsm
-    values = embedded.obsm["X_scf"]
-    assert values.shape == (N_CELLS, TINY["d_model"]) and np.isfinite(values).all()
-    assert np.abs(values[:, :] - values[0]).max() > 1e-4                       # cells differ
-    model, vocab, _ = load_pretrained(out / "final")
-    again = embed_adata(model, adata, vocab=vocab, batch_size=48, key="X_other", progress=False)
-    np.testing.assert_allclose(again.obsm["X_other"], values, atol=1e-5)     # batch size does not matter
-    target = adata.copy()
-    assert embed_adata(out / "final", target, copy=False, progress=False) is None
-    np.testing.assert_allclose(target.obsm["X_scf"], values, atol=1e-5)
-    with pytest.raises(ValueError, match="pass vocab="): embed_adata(model, adata, progress=False)
-
-
 def test_pretrain_continues_a_given_model_and_reads_h5ad_paths(trained, adata, tmp_path):
-    model, vocab, _ = load_pretrained(trained[0] / "final")
+    model = SCFModel.from_pretrained(trained[0] / "final")
+    tokenizer = model.tokenizer
     before = {name: value.clone() for name, value in model.state_dict().items()}
     adata.write_h5ad(tmp_path / "cells.h5ad")
-    history = pretrain(str(tmp_path / "cells.h5ad"), model, TrainConfig(**{**QUICK, "steps": 2}), tmp_path / "more", vocab=vocab, progress=False)
-    assert len(history) == 2 and any(not torch.equal(before[name], value) for name, value in model.state_dict().items())
-    with pytest.raises(ValueError, match="vocabulary of"):
+    again = pretrain(str(tmp_path / "cells.h5ad"), model, TrainConfig(**{**QUICK, "steps": 2}), tmp_path / "more", progress=False)
+    assert again is model and len(again.history) == 2 and again.tokenizer is tokenizer     # the model's own tokenizer
+    assert any(not torch.equal(before[name], value) for name, value in model.state_dict().items())
+    model.tokenizer = None
+    with pytest.raises(ModelError, match="built for a vocabulary of 63 tokens"):
         pretrain(adata, model, TrainConfig(**QUICK), tmp_path / "bad", vocab=Vocab.from_genes(list(adata.var_names[:20])), progress=False)
+
+
+def test_a_model_with_its_own_tokenizer_refuses_another_vocabulary(trained, adata, tmp_path):
+    model = SCFModel.from_pretrained(trained[0] / "final")
+    other = Vocab.from_genes(list(adata.var_names[:20]))
+    with pytest.raises(ModelError, match="drop vocab="):
+        pretrain(adata, model, TrainConfig(**QUICK), tmp_path / "other", vocab=other, progress=False)
+    assert not (tmp_path / "other").exists()
+    assert not model.training and not trained[1].training               # pretrain returns models ready for inference
