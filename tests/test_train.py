@@ -255,7 +255,7 @@ def test_cache_trains_once_and_keys_on_the_settings(adata, tmp_path, monkeypatch
         no_training(patch)
         capsys.readouterr()
         second = pretrain(adata, ModelConfig(**TINY), config, cache=tmp_path, progress=False)
-        assert f"loaded the cached run {folders[0]}" in capsys.readouterr().out
+        assert f"loaded the cached run {folders[0].name}" in capsys.readouterr().out
         quieter = TrainConfig(**{**config.to_dict(), "log_every": 3, "keep_last": 5, "num_workers": 0})
         pretrain(adata, ModelConfig(**TINY), quieter, cache=tmp_path, progress=False)   # fields that change no number
     assert set(RESULT_FREE_FIELDS) >= {"log_every", "keep_last"}

@@ -11,6 +11,7 @@ from execnb.shell import CaptureShell
 
 def main(paths):
     os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")  # as tools/test.sh: numba's OpenMP threads slow PyTorch down
     for p in map(Path, paths):
         start = time.time()
         cwd = Path.cwd()

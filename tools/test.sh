@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export MPLBACKEND=Agg PYTHONHASHSEED=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# numba (scanpy, UMAP) on its OpenMP layer busy-waits against PyTorch in one process: 7x slower steps measured
+export NUMBA_THREADING_LAYER=${NUMBA_THREADING_LAYER:-workqueue}
 # in CI the docs' browser test must run (setup.sh installed chromium), not skip
 if [ "${CI:-}" = "true" ]; then export SCF_REQUIRE_BROWSER=1; fi
 SECONDS=0
