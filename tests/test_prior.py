@@ -492,3 +492,18 @@ def test_read_homology_table_dedupes(homology_tsv):
     doubled = pd.concat([table, table.assign(species_gene=" " + table["species_gene"])], ignore_index=True)
     read = read_homology_table(doubled, species="Mouse")
     assert len(read) == len(GENES)
+
+
+def test_input_gene_embeddings_of_a_prior_model_read_the_prior(vocab, features):
+    "evaluate.gene_embeddings(kind='input') goes through the gene-embedding module, so the prior's vectors count."
+    from scfoundation.evaluate import gene_embeddings
+    from scfoundation.tokenization import BinningTokenizer
+    plain = small_model(vocab)
+    with_prior = add_prior(small_model(vocab), features)
+    with torch.no_grad():                                                   # the prior's projections start at zero
+        for projection in with_prior.embedding.gene.projections.values(): projection.weight.normal_()
+    for model in (plain, with_prior): model.tokenizer = BinningTokenizer(vocab)
+    genes = list(vocab.genes[:5])
+    expected = with_prior.embedding.gene(torch.as_tensor(vocab.ids(genes))).detach().numpy()
+    np.testing.assert_allclose(gene_embeddings(with_prior, genes=genes, kind="input").to_numpy(), expected, rtol=1e-6)
+    assert not np.allclose(gene_embeddings(plain, genes=genes, kind="input").to_numpy(), expected)
