@@ -17,13 +17,12 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 
 from .data import DataError, read_chunks, sha256_file, var_names_of
 from .genes import Vocab, match_gene_ids
-from .tokenization import check_counts, collate, compute_gene_medians, tokenizer_for
+from .tokenization import check_counts, collate, tokenizer_for
 
 # %% auto #0
 __all__ = ['CORPUS_FORMAT', 'CORPUS_FORMAT_VERSION', 'SHARD_ARRAYS', 'CorpusError', 'source_token_ids', 'to_vocab_space',
@@ -271,7 +270,7 @@ def append_column(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
                   values: np.ndarray, # one value per row
                  ) -> sp.csr_matrix:
     "A CSR matrix with one more entry at the end of every row (column `column`)."
-    n_rows, lengths = len(indptr) - 1, np.diff(indptr)
+    n_rows = len(indptr) - 1
     out_indptr = indptr + np.arange(n_rows + 1)
     is_new = np.zeros(out_indptr[-1], bool); is_new[out_indptr[1:] - 1] = True
     out_indices = np.empty(out_indptr[-1], np.int32); out_indices[~is_new] = indices; out_indices[is_new] = column

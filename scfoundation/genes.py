@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import anndata
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp

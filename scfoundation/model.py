@@ -13,7 +13,6 @@ __all__ = ['MASK_VALUE', 'INPUT_KINDS', 'POOLINGS', 'ACTIVATIONS', 'NAMED_CONFIG
 # %% ../nbs/05_model.ipynb #b13399a4
 import importlib
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from torch import nn
 
 from .data import Config
 from .genes import CLS_ID, MASK_ID, N_SPECIAL, PAD_ID, Vocab
-from .tokenization import TOKENIZERS, hash_uint32, tokenizer_from_dict
+from .tokenization import hash_uint32, tokenizer_from_dict
 
 # %% ../nbs/05_model.ipynb #7ede3422
 class ModelError(ValueError):

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
-import io
-import gzip
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +21,7 @@ from torch import nn
 
 from .data import log_normalise
 from .genes import GeneError, Vocab, gene_table, map_genes, SPECIAL_TOKENS
-from .model import ModelConfig, ModelError, SCFModel, register_extension
+from .model import SCFModel, register_extension
 
 # %% auto #0
 __all__ = ['GENE_SET_SOURCES', 'CHROMOSOMES', 'PRIOR_SOURCES', 'PRIOR_FORMAT', 'PRIOR_FILE', 'HOMOLOGY_COLUMNS', 'PriorError',

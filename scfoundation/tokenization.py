@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from .data import DataError, log_normalise_values, read_chunks, row_sums, var_names_of
-from .genes import CLS_ID, MASK_ID, PAD_ID
+from .genes import CLS_ID
 
 # %% auto #0
 __all__ = ['TOKENIZERS', 'check_counts', 'row_positions', 'segment_sort', 'float_bits', 'hash_uint32', 'TokenizedCells',
