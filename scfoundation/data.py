@@ -9,6 +9,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import ClassVar
@@ -22,9 +24,10 @@ from anndata.io import sparse_dataset, write_elem
 
 # %% auto #0
 __all__ = ['QC_COLUMNS', 'DataError', 'available_memory_bytes', 'sha256_file', 'read_anndata', 'read_chunks', 'var_names_of',
-           'describe_values', 'row_sums', 'column_indicator', 'sum_duplicate_genes', 'H5adWriter', 'transform_rows',
-           'prepare_counts', 'mito_genes', 'add_obs_columns', 'qc_metrics', 'filter_cells', 'new_figure', 'plot_qc',
-           'load_pbmc68k', 'log_normalise_values', 'log_normalise', 'highly_variable_genes', 'Config']
+           'describe_values', 'row_sums', 'column_indicator', 'sum_duplicate_genes', 'temp_path', 'publish',
+           'write_atomically', 'remove_stale_temps', 'check_output', 'H5adWriter', 'transform_rows', 'prepare_counts',
+           'mito_genes', 'add_obs_columns', 'qc_metrics', 'filter_cells', 'new_figure', 'plot_qc', 'load_pbmc68k',
+           'log_normalise_values', 'log_normalise', 'highly_variable_genes', 'Config']
 
 # %% ../nbs/01_data.ipynb #6e16783f
 class DataError(ValueError):
@@ -314,6 +317,78 @@ def _pick_counts(adata, layer, use_raw, tolerance):
            "or start again from the Cell Ranger output / the raw .h5ad")
     raise DataError("No raw counts found: " + "; ".join(tried) + f". Fix: {fix}.")
 
+# %% ../nbs/01_data.ipynb #safew002
+def temp_path(path) -> Path:
+    "Where a file bound for `path` is written first: a hidden name beside it that carries this process's id."
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _default_mode(is_dir: bool) -> int:
+    "The permissions `open` (or `mkdir`) gives under this process's umask."
+    umask = os.umask(0); os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
+
+def publish(temp, path) -> Path:
+    "Give the finished `temp` the usual permissions and rename it onto `path` (atomic on one file system)."
+    temp, path = Path(temp), Path(path)
+    os.chmod(temp, _default_mode(temp.is_dir()))
+    os.replace(temp, path)
+    return path
+
+
+def write_atomically(path, write) -> Path:
+    "Call `write(temp)` for `temp_path(path)`, then publish the file onto `path`; on any error the temp file goes, `path` stays."
+    path = Path(path)
+    temp = temp_path(path)
+    try:
+        write(temp)
+        return publish(temp, path)
+    finally: temp.unlink(missing_ok=True)
+
+# %% ../nbs/01_data.ipynb #safew003
+_TEMP_NAME = re.compile(r"\..+\.(\d+)\.tmp")
+
+def _pid_alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass          # someone else's live process
+    return True
+
+
+def remove_stale_temps(folder) -> list[Path]:
+    "Delete the temp files and folders (`temp_path` names) that dead processes left in `folder`; returns what went."
+    folder = Path(folder)
+    if not folder.is_dir(): return []
+    stale = [path for path in folder.iterdir() if (match := _TEMP_NAME.fullmatch(path.name))
+             and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1)))]
+    for path in stale:
+        if path.is_dir() and not path.is_symlink(): shutil.rmtree(path, ignore_errors=True)
+        else: path.unlink(missing_ok=True)
+    return stale
+
+
+def _same_file(a, b) -> bool:
+    try: return os.path.samefile(a, b)
+    except OSError: return False
+
+
+def check_output(path,            # the file to write
+                 inputs=(),       # paths (or anything else, ignored) the same command reads
+                 overwrite: bool = False, # replace an existing `path`
+                ) -> Path:
+    "Refuse, before any work, an output path that is a folder, is one of the inputs, or exists (unless `overwrite`)."
+    path = Path(path)
+    if path.is_dir(): raise DataError(f"{path} is a folder: pass the path of the file to write, e.g. {path / 'cells.h5ad'}")
+    if any(isinstance(source, (str, Path)) and _same_file(source, path) for source in inputs):
+        raise DataError(f"{path} is also the input: writing it would replace your data (its .raw, obsm, uns and any "
+                        "dropped cells or genes). Pass another output path.")
+    if path.exists() and not overwrite: raise DataError(f"{path} exists: pass overwrite=True to replace it, or another output path.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)
+    return path
+
 # %% ../nbs/01_data.ipynb #21b6b5e4
 def _categorical_strings(obs: pd.DataFrame, var: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     "obs and var with text columns as categoricals, exactly as `AnnData.write_h5ad` stores them."
@@ -328,7 +403,7 @@ class H5adWriter:
                  n_vars: int):    # columns of X
         self.path = Path(path)
         if self.path.is_dir(): raise DataError(f"{self.path} is a folder: pass the path of the .h5ad file to write.")
-        self.temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.temp = temp_path(self.path)
         self.handle = h5py.File(self.temp, "w")
         self.handle.attrs["encoding-type"], self.handle.attrs["encoding-version"] = "anndata", "0.1.0"
         write_elem(self.handle, "X", sp.csr_matrix((0, n_vars), dtype=np.float32), dataset_kwargs={"chunks": (1 << 16,)})
@@ -345,8 +420,7 @@ class H5adWriter:
             write_elem(self.handle, key, value)
         for key in ("varm", "obsp", "varp", "layers"): write_elem(self.handle, key, {})
         self.handle.close()
-        os.replace(self.temp, self.path)
-        return self.path
+        return publish(self.temp, self.path)
 
     def abort(self):
         "Close and delete the unfinished file."
