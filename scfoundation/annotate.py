@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import DataError, highly_variable_genes, log_normalise, new_figure
+from .data import DataError, highly_variable_genes, log_normalise, new_figure, short_list
 from .evaluate import embed_cells, get_labels, iter_batches, stratified_split
 
 # %% auto #0
@@ -48,7 +48,7 @@ def train_test_labels(adata: ad.AnnData, # cells with labels and a split
         raise DataError(f"obs[{split_key!r}] not found: run split_cells(adata, label_key={label_key!r}) first.")
     split = adata.obs[split_key].astype(str).to_numpy()
     unknown = sorted(set(split) - {"train", "test"})
-    if unknown: raise DataError(f"obs[{split_key!r}] holds {unknown}; it must hold only 'train' and 'test' (see split_cells).")
+    if unknown: raise DataError(f"obs[{split_key!r}] holds {short_list(unknown)}; it must hold only 'train' and 'test' (see split_cells).")
     is_test = split == "test"
     if is_test.all() or not is_test.any():
         raise DataError(f"obs[{split_key!r}] has no {'training' if is_test.all() else 'test'} cells: re-run split_cells.")

@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import os
+import re
 import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -32,8 +33,17 @@ def _read_source(source):
     return data.read_anndata(source, backed="auto") if isinstance(source, (str, Path)) else source
 
 
+def _left_out(n_input: int, n_empty: int, n_kept: int, min_genes: int, max_pct_mito: float) -> str:
+    "Why the cells that preparing left out are gone, e.g. `5 without any count, 2 below QC (…)`."
+    return (f"{n_empty:,} without any count, {n_input - n_empty - n_kept:,} below QC "
+            f"(fewer than {min_genes} genes or over {max_pct_mito:g}% mitochondrial)")
+
+
 def prepare(source, # `pbmc68k`, an AnnData, or a path read by `data.read_anndata`
             layer: str | None = None, # layer holding counts (default: found automatically)
+            use_raw: bool | None = None, # True: the counts are in .raw; None: try it last
+            duplicate_genes: str = "error", # "error", or "sum" the counts of genes sharing a name
+            id_type: str = "auto", # kind of gene ids: "auto" (per gene), "symbol", "ensembl" or "entrez"
             min_genes: int = 200, # QC: fewest genes detected per cell
             max_pct_mito: float = 20.0, # QC: largest mitochondrial percentage
             map_ids: bool = True, # map gene identifiers onto the human gene table
@@ -43,51 +53,56 @@ def prepare(source, # `pbmc68k`, an AnnData, or a path read by `data.read_anndat
            ):
     "Counts → QC filter → gene mapping, as one function (the `scf prepare` command)."
     adata, out = _read_source(source), None if out is None else Path(out)
-    steps = [out.with_name(f".{out.name}.{step}.tmp.h5ad") for step in ("counts", "kept")] if out is not None else [None, None]
+    steps = [data.temp_path(out.with_name(f"{out.name}.{step}")) for step in ("counts", "kept")] if out is not None else [None, None]
     if not map_ids and out is not None: steps[1] = out
     try:
-        counts = data.prepare_counts(adata, layer=layer, empty_cells="drop", out=steps[0], chunk_size=chunk_size)
-        if verbose and counts.n_obs < adata.n_obs: print(f"dropped {adata.n_obs - counts.n_obs} cells without any count")
-        kept = data.filter_cells(counts, min_genes=min_genes, max_pct_mito=max_pct_mito, verbose=verbose, out=steps[1], chunk_size=chunk_size)
-        if not map_ids: return kept
-        mapped = genes.map_genes(kept, out=out, chunk_size=chunk_size)
+        counts = data.prepare_counts(adata, layer=layer, use_raw=use_raw, duplicate_genes=duplicate_genes,
+                                     empty_cells="drop", out=steps[0], chunk_size=chunk_size)
+        kept = data.filter_cells(counts, min_genes=min_genes, max_pct_mito=max_pct_mito, verbose=False, out=steps[1], chunk_size=chunk_size)
+        if verbose: print(f"kept {kept.n_obs:,} of {adata.n_obs:,} cells: "
+                          f"{_left_out(adata.n_obs, adata.n_obs - counts.n_obs, kept.n_obs, min_genes, max_pct_mito)}")
+        result = genes.map_genes(kept, id_type=id_type, out=out, chunk_size=chunk_size) if map_ids else kept
     finally:
         for step in steps:
             if step is not None and step != out: step.unlink(missing_ok=True)
-    if verbose: print(genes.coverage_report(mapped))
-    return mapped
+    if verbose and map_ids: print(genes.coverage_report(result))
+    return result
 
 # %% ../nbs/15_cli.ipynb #67ddb03f
 def load_cells(source, # `pbmc68k`, an AnnData, or a path (prepared on the fly unless it has mapped genes)
                min_genes: int = 50, # QC for inputs that still need preparing
+               max_pct_mito: float = 20.0, # QC: largest mitochondrial percentage
                verbose: bool = False, # print what preparing did
+               **preparing, # where the counts are and how genes read, as `prepare` takes them (layer, use_raw, duplicate_genes, id_type)
               ):
-    "Cells ready for the model: raw counts with genes mapped onto the human table."
+    "Cells ready for the model: raw counts with genes mapped onto the human table; cells left out are named in a warning."
     adata = _read_source(source)
     if "scf_gene_coverage" in adata.uns and "entrez_id" in adata.var: return adata
     out = Path(tempfile.mkdtemp()) / "prepared.h5ad" if adata.isbacked else None   # larger than memory: prepare on disk
-    return prepare(adata, min_genes=min_genes, verbose=verbose, out=out)
+    cells = prepare(adata, min_genes=min_genes, max_pct_mito=max_pct_mito, verbose=verbose, out=out, **preparing)
+    if cells.n_obs < adata.n_obs and not verbose:
+        why = _left_out(adata.n_obs, cells.uns["scf_counts"]["n_dropped_empty"], cells.n_obs, min_genes, max_pct_mito)
+        warnings.warn(f"{adata.n_obs - cells.n_obs:,} of {adata.n_obs:,} input cells get no embedding and no training: {why}. "
+                      "To choose the QC, run `scf prepare INPUT OUT.h5ad --min-genes N` and pass OUT.h5ad.", UserWarning, stacklevel=2)
+    return cells
+
+
+def _write_h5ad(adata, path):
+    "`adata.write_h5ad(path)`; for backed cells, a copy of their file with the annotations that live in memory rewritten."
+    if not adata.isbacked: return adata.write_h5ad(path)
+    from anndata.io import write_elem
+    shutil.copyfile(adata.filename, path)
+    with data.open_h5(path, "r+") as handle:
+        for key, value in {"obs": adata.obs, "obsm": dict(adata.obsm), "uns": dict(adata.uns)}.items():
+            del handle[key]; write_elem(handle, key, value)
 
 
 def write_cells(adata, # cells, in memory or backed
-                path,  # the `.h5ad` to write
+                path,  # the `.h5ad` to write (replaced if it exists: the command line checks before it works)
                ) -> Path:
-    "Write `adata` to `path` atomically; backed cells keep X on disk (the file is copied, annotations rewritten)."
-    from anndata.io import write_elem
-    import h5py
-    path = Path(path)
-    if path.is_dir(): raise data.DataError(f"{path} is a folder: pass the path of the .h5ad file to write.")
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        if not adata.isbacked: adata.write_h5ad(temp)
-        else:
-            shutil.copyfile(adata.filename, temp)
-            with h5py.File(temp, "r+") as handle:
-                for key, value in {"obs": adata.obs, "obsm": dict(adata.obsm), "uns": dict(adata.uns)}.items():
-                    del handle[key]; write_elem(handle, key, value)
-        os.replace(temp, path)
-    finally: temp.unlink(missing_ok=True)
-    return path
+    "Write `adata` to `path` whole or not at all (`data.write_atomically`); backed cells keep X on disk."
+    data.check_output(path, overwrite=True)          # a folder is refused; the parent folder is made
+    return data.write_atomically(path, lambda temp: _write_h5ad(adata, temp))
 
 # %% ../nbs/15_cli.ipynb #5dd67084
 def _is_main_process() -> bool:
@@ -101,17 +116,20 @@ def pretrain_command(source, # cells, as `load_cells` takes them
                      config: str = "teaching", # named model config
                      input_kind: str = "rank", # "rank", "bins" or "continuous"
                      resume: bool = True, # continue from the newest checkpoint in out_dir
+                     extend: bool = False, # continue a run under a changed `steps` (the schedule changes from there on)
                      progress: bool = True, # tqdm bar
                      fsdp: bool = False, # under torchrun: FSDP instead of DDP
+                     preparing: dict | None = None, # how `load_cells` prepares cells (layer, use_raw, duplicate_genes, id_type)
                      **train_options, # any `TrainConfig` field (steps, batch_size, lr, precision, seed, …)
                     ):
     "Pretrain a named model config on cells or a corpus folder; returns the model (its history also in out_dir/history.csv)."
     from scfoundation.model import ModelConfig
     from scfoundation.train import TrainConfig, pretrain
+    settings, model_config = TrainConfig(**train_options), ModelConfig.named(config, input_kind=input_kind)  # before the data
     is_corpus = isinstance(source, (str, Path)) and (Path(source) / "manifest.json").is_file()
-    model = pretrain(source if is_corpus else load_cells(source), ModelConfig.named(config, input_kind=input_kind),
-                     TrainConfig(**train_options), out_dir=out_dir, resume=resume, fsdp=fsdp, progress=progress)
-    if _is_main_process(): model.history.to_csv(Path(out_dir) / "history.csv", index=False)
+    cells = source if is_corpus else load_cells(source, **(preparing or {}))
+    model = pretrain(cells, model_config, settings, out_dir=out_dir, resume=resume, extend=extend, fsdp=fsdp, progress=progress)
+    if _is_main_process(): data.write_atomically(Path(out_dir) / "history.csv", lambda temp: model.history.to_csv(temp, index=False))
     return model
 
 
@@ -125,12 +143,14 @@ def embed_command(run, # a run folder (its final/) or a checkpoint folder
                   source, # cells, as `load_cells` takes them
                   key: str = "X_scf", # obsm key
                   progress: bool = True, # tqdm bar
+                  preparing: dict | None = None, # how `load_cells` prepares cells (layer, use_raw, duplicate_genes, id_type)
                  ):
     "Cells with the model's embedding in obsm[key] (on a GPU when one is visible)."
     from scfoundation.evaluate import embed_adata
     from scfoundation.train import resolve_device
-    cells = load_cells(source)
-    embed_adata(cells, _load_run(run), key_added=key, device=resolve_device("auto"), progress=progress)
+    model = _load_run(run)
+    cells = load_cells(source, **(preparing or {}))
+    embed_adata(cells, model, key_added=key, device=resolve_device("auto"), progress=progress)
     return cells
 
 
@@ -219,7 +239,7 @@ def insilico_command(adata, # simulated cells (`scf simulate`)
     _require_truth(adata, "network", "in-silico perturbation")
     types = sorted(adata.obs["cell_type"].astype(str).unique())
     for name, value in (("source", source), ("target", target)):
-        if value not in types: raise data.DataError(f"the {name} cell type {value!r} is not in obs['cell_type']: pass --{name} one of {types}.")
+        if value not in types: raise data.DataError(f"the {name} cell type {value!r} is not in obs['cell_type']: pass --{name} one of {data.short_list(types)}.")
     model = _load_run(run)
     return insilico_benchmark(model, adata, model.tokenizer, source, target, mode=mode, max_cells=max_cells, seed=seed)[0]
 
@@ -297,20 +317,46 @@ def demo(out_dir: str | Path = "results", # where figures, tables and the model 
     return table
 
 # %% ../nbs/15_cli.ipynb #1fb155a3
+def _preparing_options() -> argparse.ArgumentParser:
+    "How cells are prepared: `scf prepare`, and every command given cells `scf prepare` did not write."
+    options = argparse.ArgumentParser(add_help=False)
+    g = options.add_argument_group("preparing cells", "how the counts are found and the genes read: by `scf prepare`, "
+                                                      "and by the other commands for inputs it did not write")
+    g.add_argument("--layer", help="layer holding raw counts (default: X, then the layers, then .raw: the first that holds counts)")
+    g.add_argument("--use-raw", action="store_true", help="take the counts from .raw")
+    g.add_argument("--duplicate-genes", default="error", choices=["error", "sum"],
+                   help="genes sharing a name (common in Cell Ranger output): refuse them (default) or sum their counts")
+    g.add_argument("--id-type", default="auto", choices=genes.ID_TYPES, help="kind of gene ids (default auto: decided per gene)")
+    return options
+
+
+def _preparing(args) -> dict:
+    "The preparing options of the command line as `prepare` takes them."
+    return dict(layer=args.layer, use_raw=args.use_raw or None, duplicate_genes=args.duplicate_genes, id_type=args.id_type)
+
+
+def _writing_options() -> argparse.ArgumentParser:
+    "`--overwrite`, for the commands that write files."
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--overwrite", action="store_true", help="replace output files that exist (an input is never replaced)")
+    return options
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scf", description="scfoundation: a literate single-cell foundation model. "
                                      "Start with `scf demo`, which runs the whole walk on built-in data.")
     parser.add_argument("--version", action="version", version=f"scfoundation {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("prepare", help="raw counts + QC + gene mapping → .h5ad",
+    preparing, writing = _preparing_options(), _writing_options()
+    p = sub.add_parser("prepare", help="raw counts + QC + gene mapping → .h5ad", parents=[preparing, writing],
                        description="Read INPUT (.h5ad, 10x .h5, or 10x matrix folder), find or recover raw counts, "
                                    "filter cells by QC, map gene ids onto the human gene table, write OUTPUT .h5ad.")
     p.add_argument("input", help=f"an .h5ad, a 10x .h5 file, a 10x folder with matrix.mtx.gz, or '{DEFAULT_DATA}' for the built-in data")
     p.add_argument("output", help="where to write the prepared .h5ad")
-    p.add_argument("--layer", help="layer holding raw counts (default: found automatically)")
     p.add_argument("--min-genes", type=int, default=200, help="drop cells with fewer genes detected (default 200)")
     p.add_argument("--max-pct-mito", type=float, default=20.0, help="drop cells above this mitochondrial %% (default 20)")
-    t = sub.add_parser("pretrain", help="masked-expression pretraining (checkpoints, resume)",
+    p.set_defaults(output_files=["output"])
+    t = sub.add_parser("pretrain", help="masked-expression pretraining (checkpoints, resume)", parents=[preparing],
                        description="Pretrain a model on INPUT (an .h5ad from `scf prepare`, any input `prepare` reads, "
                                    f"a corpus folder from `scf build-corpus`, or '{DEFAULT_DATA}' for the built-in data). Checkpoints go to OUT/checkpoint-<step>, "
                                    "the result to OUT/final; re-running the same command resumes.")
@@ -326,14 +372,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed for weights, data order and masks (default 0)")
     t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100)")
     t.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run instead of resuming")
+    t.add_argument("--extend", action="store_true",
+                   help="continue a run under a changed --steps: the learning-rate schedule changes from the resumed step on")
     t.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP instead of DDP")
-    e = sub.add_parser("embed", help="write cell embeddings into obsm['X_scf'] of an .h5ad",
+    t.set_defaults(output_folders=["out"])
+    e = sub.add_parser("embed", help="write cell embeddings into obsm['X_scf'] of an .h5ad", parents=[preparing, writing],
                        description="Embed the cells of INPUT with the model in RUN (a `scf pretrain` folder) and write OUTPUT.")
     e.add_argument("run", help="a `scf pretrain --out` folder (or its final/ or a checkpoint-<step> folder)")
     e.add_argument("input", help=f"cells: .h5ad / 10x input, or '{DEFAULT_DATA}'")
     e.add_argument("output", help="the .h5ad to write, with obsm['X_scf']")
-    _evaluate_parser(sub)
-    s = sub.add_parser("simulate", help="simulated counts with known truth (types, batches, network, perturbations) → .h5ad",
+    e.set_defaults(output_files=["output"])
+    _evaluate_parser(sub, parents=[preparing, writing])
+    s = sub.add_parser("simulate", help="simulated counts with known truth (types, batches, network, perturbations) → .h5ad", parents=[writing],
                        description="Simulate cells with the book's simulator and write OUTPUT .h5ad with the truth in "
                                    "uns['truth'] and genes mapped: ready for `scf pretrain` and every `scf evaluate --task`.")
     s.add_argument("output", help="the .h5ad to write")
@@ -345,6 +395,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--singles", type=int, default=0, help="single perturbations on distinct TFs (default 0: none)")
     s.add_argument("--doubles", type=int, default=0, help="double perturbations combining two singles (default 0)")
     s.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    s.set_defaults(output_files=["output"])
     c = sub.add_parser("build-corpus", help="many .h5ad files → a sharded corpus on disk (resumable, parallel)",
                        description="Read each INPUT .h5ad (raw counts in X, any gene ids) in chunks, map its genes onto the "
                                    "vocabulary and write memory-mapped shards plus manifest.json to OUT. Re-running resumes: "
@@ -355,17 +406,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-size", type=int, default=16384, help="cells per shard (default 16384)")
     c.add_argument("--chunk-size", type=int, default=4096, help="cells read at a time (default 4096)")
     c.add_argument("--workers", type=int, default=2, help="processes building shards in parallel (default 2)")
-    c.add_argument("--id-type", default="auto", choices=["auto", "symbol", "ensembl", "entrez"], help="kind of gene ids (default auto)")
+    c.add_argument("--id-type", default="auto", choices=genes.ID_TYPES, help="kind of gene ids (default auto)")
     c.add_argument("--no-resume", action="store_true", help="rebuild every shard")
+    c.set_defaults(output_folders=["out"])
     d = sub.add_parser("demo", help="the main job on built-in data: prints a table, saves figures",
                        description="Run the whole walk on scanpy's pbmc68k_reduced (700 real PBMCs); nothing downloads.")
     d.add_argument("--out", default="results", help="folder for figures and tables (default: results)")
     d.add_argument("--steps", type=int, default=200, help="pretraining steps (default 200)")
+    d.set_defaults(output_folders=["out"])
     return parser
 
 # %% ../nbs/15_cli.ipynb #bd8bf88a
-def _evaluate_parser(sub):
-    v = sub.add_parser("evaluate", help="downstream tables: the model beside simple baselines",
+def _evaluate_parser(sub, parents):
+    v = sub.add_parser("evaluate", help="downstream tables: the model beside simple baselines", parents=parents,
                        description="Print a downstream table for the cells in INPUT, the model beside simple baselines "
                                    "on the same split. Default task: score the embeddings in obsm (ARI/NMI of Leiden "
                                    "clusters, label silhouette, kNN accuracy) beside PCA on highly variable genes.")
@@ -377,6 +430,7 @@ def _evaluate_parser(sub):
     v.add_argument("--seed", type=int, default=0, help="seed of splits, solvers and heads (default 0)")
     v.add_argument("--table", help="also write the table to this .csv")
     v.add_argument("--output", help="write the cells to this .h5ad (annotation: with every method's predictions in obs/obsm)")
+    v.set_defaults(output_files=["output", "table"])
     g = v.add_argument_group("embedding and integration")
     g.add_argument("--keys", nargs="+", default=["X_scf"], help="obsm keys to score (default X_scf)")
     g.add_argument("--batch-key", help="obs column with batches: print scib-style batch-mixing and biology-conservation "
@@ -403,7 +457,7 @@ def _evaluate(args):
         adata = data.read_anndata(args.input)
         return evaluate_command(adata, keys=args.keys, label_key=args.label_key, seed=args.seed, batch_key=args.batch_key), adata
     if not args.model: raise data.DataError(f"--task {task} needs --model RUN: a folder written by `scf pretrain --out RUN`.")
-    adata = load_cells(args.input)
+    adata = load_cells(args.input, **_preparing(args))
     if task == "annotation":
         table = annotation_command(adata, args.model, args.label_key, modes=args.fine_tune, epochs=args.epochs, seed=args.seed)
     elif task == "perturbation":
@@ -416,10 +470,10 @@ def _evaluate(args):
 
 # %% ../nbs/15_cli.ipynb #15f8e40a
 def _user_errors() -> tuple:
-    "The exceptions that mean 'your input is wrong' (a one-line message), not 'scfoundation has a bug' (a traceback)."
+    "The exceptions that mean 'your input is wrong' or 'your run cannot go on' (a one-line message), not 'scfoundation has a bug'."
     from scfoundation.model import ModelError
-    from scfoundation.train import CheckpointError
-    return (data.DataError, ModelError, CheckpointError, FileNotFoundError)
+    from scfoundation.train import CheckpointError, TrainingError
+    return (data.DataError, ModelError, CheckpointError, TrainingError, FileNotFoundError)
 
 
 def _one_line(message, category, filename, lineno, line=None) -> str:
@@ -427,45 +481,91 @@ def _one_line(message, category, filename, lineno, line=None) -> str:
     return f"scf: {category.__name__}: {message}\n"
 
 
+def _check_outputs(args):
+    "Every output the command declares, checked before any work: never an input; an existing file only with --overwrite."
+    inputs = [getattr(args, "input", None), getattr(args, "run", None), *getattr(args, "inputs", [])]
+    for name in getattr(args, "output_files", []):
+        if getattr(args, name) is not None: data.check_output(getattr(args, name), inputs, overwrite=args.overwrite)
+    for name in getattr(args, "output_folders", []): data.check_output_folder(getattr(args, name), inputs)
+
+# %% ../nbs/15_cli.ipynb #flags002
+_SETTING = re.compile(r"(?<![\w.'\"/\[-])(?:([Pp]ass) )?([a-z][a-z0-9]*(?:_[a-z0-9]+)*)(?:=('[^']*'|\"[^\"]*\"|\.\.\.|[\w.+-]*\w))?")
+
+
+def _options_of(parser: argparse.ArgumentParser, command: str) -> dict:
+    "The `--option` strings of a subcommand, each with its argparse action."
+    subcommands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return {option: action for action in subcommands.choices[command]._actions for option in action.option_strings}
+
+
+def _flag(name: str, value: str | None, options: dict) -> str | None:
+    "The command-line spelling of the setting `name=value` (value None: the bare name), or None when there is no flag for it."
+    option, negated = "--" + name.replace("_", "-"), "--no-" + name.replace("_", "-")
+    if option in options and options[option].nargs != 0:   # an option with a value
+        return option if value is None else f"{option} {value.strip(chr(39) + chr(34))}"
+    if option in options: return f"drop {option}" if value == "False" else option
+    if negated in options and value in ("True", "False"): return f"drop {negated}" if value == "True" else negated
+    return None
+
+
+def _as_flags(message: str, options: dict) -> str:
+    "A library message as the command line reads it: each `name=value` (or bare `snake_name`) with a flag becomes the flag."
+    def spell(match):
+        verb, name, value = match.groups()
+        flag = None if value is None and "_" not in name else _flag(name, value, options)   # a bare word is a setting only with a _
+        if flag is None: return match.group(0)
+        if verb and flag.startswith("drop "): return ("Drop" if verb == "Pass" else "drop") + flag[4:]   # not "pass drop --no-…"
+        return f"{verb} {flag}" if verb else flag
+    return _SETTING.sub(spell, message)
+
+# %% ../nbs/15_cli.ipynb #main0001
+def _run(args):
+    "Do what the parsed command line asks."
+    if args.command == "prepare":
+        adata = prepare(args.input, min_genes=args.min_genes, max_pct_mito=args.max_pct_mito, out=args.output, **_preparing(args))
+        print(f"wrote {args.output}: {adata.n_obs} cells × {adata.n_vars} genes")
+    elif args.command == "pretrain":
+        history = pretrain_command(args.input, args.out, config=args.config, input_kind=args.input_kind, resume=not args.no_resume,
+                                   extend=args.extend, fsdp=args.fsdp, preparing=_preparing(args), steps=args.steps,
+                                   batch_size=args.batch_size, lr=args.lr, precision=args.precision, seed=args.seed,
+                                   save_every=args.save_every).history
+        if _is_main_process():
+            print(f"loss {history.loss.iloc[0]:.3f} → {history.loss.iloc[-1]:.3f}; model in {Path(args.out) / 'final'}")
+    elif args.command == "embed":
+        embedded = embed_command(args.run, args.input, preparing=_preparing(args))
+        write_cells(embedded, args.output)
+        print(f"wrote {args.output}: obsm['X_scf'] {embedded.obsm['X_scf'].shape}")
+    elif args.command == "evaluate":
+        table, adata = _evaluate(args)
+        print(table.round(3).to_string())
+        if args.table: data.write_atomically(args.table, table.to_csv); print(f"wrote {args.table}")
+        if args.output: write_cells(adata, args.output); print(f"wrote {args.output}")
+    elif args.command == "simulate":
+        adata = simulate_command(args.cells, args.genes, args.tfs, args.cell_types, args.batches, args.singles, args.doubles, args.seed)
+        write_cells(adata, args.output)
+        print(f"wrote {args.output}: {adata.n_obs} cells × {adata.n_vars} genes, {len(adata.uns['truth']['network']['regulator'])} "
+              f"network edges, {adata.obs['perturbation'].nunique() - 1} perturbations")
+    elif args.command == "build-corpus":
+        from scfoundation.corpus import build_corpus, corpus_vocab
+        vocab = genes.Vocab.load(args.vocab) if args.vocab else corpus_vocab(args.inputs, id_type=args.id_type)
+        manifest = build_corpus(args.inputs, args.out, vocab, shard_size=args.shard_size, chunk_size=args.chunk_size,
+                                workers=args.workers, resume=not args.no_resume, id_type=args.id_type)
+        print(f"corpus in {args.out}: {manifest['n_cells']:,} cells in {len(manifest['shards'])} shards "
+              f"({manifest['build']['shards_built']} built, {manifest['build']['shards_reused']} reused)")
+    elif args.command == "demo":
+        demo(args.out, steps=args.steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `scf` console script."
-    import warnings
-    args = _parser().parse_args(argv)
-    warnings.formatwarning = _one_line
+    parser = _parser()
+    args = parser.parse_args(argv)
+    shown_as, warnings.formatwarning = warnings.formatwarning, _one_line
     try:
-        if args.command == "prepare":
-            adata = prepare(args.input, layer=args.layer, min_genes=args.min_genes, max_pct_mito=args.max_pct_mito, out=args.output)
-            print(f"wrote {args.output}: {adata.n_obs} cells × {adata.n_vars} genes")
-        elif args.command == "pretrain":
-            history = pretrain_command(args.input, args.out, config=args.config, input_kind=args.input_kind,
-                                       resume=not args.no_resume, fsdp=args.fsdp, steps=args.steps, batch_size=args.batch_size,
-                                       lr=args.lr, precision=args.precision, seed=args.seed, save_every=args.save_every).history
-            if _is_main_process():
-                print(f"loss {history.loss.iloc[0]:.3f} → {history.loss.iloc[-1]:.3f}; model in {Path(args.out) / 'final'}")
-        elif args.command == "embed":
-            embedded = embed_command(args.run, args.input)
-            write_cells(embedded, args.output)
-            print(f"wrote {args.output}: obsm['X_scf'] {embedded.obsm['X_scf'].shape}")
-        elif args.command == "evaluate":
-            table, adata = _evaluate(args)
-            print(table.round(3).to_string())
-            if args.table: table.to_csv(args.table); print(f"wrote {args.table}")
-            if args.output: write_cells(adata, args.output); print(f"wrote {args.output}")
-        elif args.command == "simulate":
-            adata = simulate_command(args.cells, args.genes, args.tfs, args.cell_types, args.batches, args.singles, args.doubles, args.seed)
-            write_cells(adata, args.output)
-            print(f"wrote {args.output}: {adata.n_obs} cells × {adata.n_vars} genes, {len(adata.uns['truth']['network']['regulator'])} "
-                  f"network edges, {adata.obs['perturbation'].nunique() - 1} perturbations")
-        elif args.command == "build-corpus":
-            from scfoundation.corpus import build_corpus, corpus_vocab
-            vocab = genes.Vocab.load(args.vocab) if args.vocab else corpus_vocab(args.inputs, id_type=args.id_type)
-            manifest = build_corpus(args.inputs, args.out, vocab, shard_size=args.shard_size, chunk_size=args.chunk_size,
-                                    workers=args.workers, resume=not args.no_resume, id_type=args.id_type)
-            print(f"corpus in {args.out}: {manifest['n_cells']:,} cells in {len(manifest['shards'])} shards "
-                  f"({manifest['build']['shards_built']} built, {manifest['build']['shards_reused']} reused)")
-        elif args.command == "demo":
-            demo(args.out, steps=args.steps)
+        _check_outputs(args)
+        _run(args)
     except _user_errors() as error:
-        print(f"scf {args.command}: error: {error}", file=sys.stderr)
+        print(f"scf {args.command}: error: {_as_flags(str(error), _options_of(parser, args.command))}", file=sys.stderr)
         return 2
+    finally: warnings.formatwarning = shown_as        # main called from Python leaves warnings as they were
     return 0

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .data import DataError, read_chunks, sha256_file, var_names_of
+from .data import DataError, open_h5, read_chunks, sha256_file, short_list, var_names_of
 from .genes import Vocab, match_gene_ids
 from .tokenization import check_counts, collate, tokenizer_for
 
@@ -118,8 +118,8 @@ def _h5ad_cells(path: Path) -> int:
     "Number of cells of an `.h5ad` file, read from its header; CorpusError if it is not one."
     if not path.is_file(): raise CorpusError(f"{path} does not exist: pass existing .h5ad files (or a folder of them).")
     if not h5py.is_hdf5(path): raise CorpusError(f"{path} is not an .h5ad file (not HDF5): convert it with AnnData.write_h5ad first.")
-    with h5py.File(path, "r") as handle:
-        if not {"X", "obs", "var"} <= set(handle): raise CorpusError(f"{path} is HDF5 but not AnnData (keys {sorted(handle)}): pass .h5ad files.")
+    with open_h5(path) as handle:
+        if not {"X", "obs", "var"} <= set(handle): raise CorpusError(f"{path} is HDF5 but not AnnData (keys {short_list(sorted(handle))}): pass .h5ad files.")
         X = handle["X"]
         return int(X.attrs["shape"][0] if isinstance(X, h5py.Group) else X.shape[0])
 
@@ -177,16 +177,16 @@ def _plan_shards(files, hashes, vocab, out_dir, shard_size, chunk_size, id_type)
         for name, start in zip(names, range(0, n_cells, shard_size)):
             tasks.append({"path": str(path), "source": str(path.resolve()), "source_sha256": digest, "start": start,
                           "stop": min(start + shard_size, n_cells), "name": name, "out_dir": str(out_dir),
-                          "token_ids": token_ids, "vocab_size": len(vocab), "vocab_version": vocab.version,
+                          "token_ids": token_ids, "vocab_size": len(vocab), "vocab_version": vocab.gene_version,
                           "format_version": CORPUS_FORMAT_VERSION, "chunk_size": chunk_size})
     return tasks, sources
 
 # %% ../nbs/14_corpus.ipynb #c1c6e75e
 def _check_vocab_of(out_dir: Path, vocab: Vocab, resume: bool):
-    "Refuse to resume a corpus built with another vocabulary; then save this one."
+    "Refuse to resume a corpus built with other genes; then save this vocabulary."
     saved = out_dir / "vocab.json"
-    if resume and saved.is_file() and Vocab.load(saved).version != vocab.version:
-        raise CorpusError(f"{out_dir} holds a corpus built with vocabulary {Vocab.load(saved).version}, not {vocab.version}: "
+    if resume and saved.is_file() and Vocab.load(saved).gene_version != vocab.gene_version:
+        raise CorpusError(f"{out_dir} holds a corpus built with vocabulary {Vocab.load(saved).gene_version}, not {vocab.gene_version}: "
                           "pass that vocabulary (Vocab.load(out_dir / 'vocab.json')), a new out_dir, or resume=False to rebuild.")
     vocab.save(saved)
 
@@ -194,6 +194,14 @@ def _check_vocab_of(out_dir: Path, vocab: Vocab, resume: bool):
 def _write_json_atomically(path: Path, content: dict):
     temp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     temp.write_text(json.dumps(content, indent=1)); os.replace(temp, path)
+
+
+def _write_manifest(out_dir: Path, manifest: dict):
+    "Write manifest.json; medians cached from other shards (`gene_medians.npy`, see `Corpus.gene_medians`) are removed."
+    try: previous = json.loads((out_dir / "manifest.json").read_text())["shards"]
+    except (OSError, ValueError, KeyError, TypeError): previous = None
+    if previous != json.loads(json.dumps(manifest["shards"])): (out_dir / "gene_medians.npy").unlink(missing_ok=True)
+    _write_json_atomically(out_dir / "manifest.json", manifest)
 
 
 class _InProcess:
@@ -211,7 +219,7 @@ def _manifest(records: list, sources: list, vocab: Vocab, settings: dict) -> dic
     kept = {}
     for record in records: kept[record["source"]] = kept.get(record["source"], 0) + record["n_cells"]
     sources = [{**source, "n_kept": kept.get(source["path"], 0)} for source in sources]
-    return {"format": CORPUS_FORMAT, "format_version": CORPUS_FORMAT_VERSION, "vocab_version": vocab.version,
+    return {"format": CORPUS_FORMAT, "format_version": CORPUS_FORMAT_VERSION, "vocab_version": vocab.gene_version,
             "n_cells": int(first[-1]), "n_genes": len(vocab.genes), "nnz": int(sum(record["nnz"] for record in records)),
             "settings": settings, "sources": sources, "shards": shards}
 
@@ -250,7 +258,7 @@ def build_corpus(inputs,                  # `.h5ad` files, or folders of them (r
     records = [done[task["name"]] | {"source": task["source"]} for task in tasks]
     settings = {"shard_size": shard_size, "id_type": id_type}
     manifest = _manifest(records, sources, vocab, settings)
-    _write_json_atomically(out_dir / "manifest.json", manifest)
+    _write_manifest(out_dir, manifest)
     return manifest | {"build": {"shards_built": len(todo), "shards_reused": len(tasks) - len(todo),
                                  "seconds": time.perf_counter() - began}}
 
@@ -350,7 +358,7 @@ class Corpus:
                  seed: int = 0):           # sampling seed, as `Tokenizer.tokenize`
         "`TokenizedCells` of `cells` in ascending order: the same tokens `CellDataset` gives on the source file."
         from scfoundation.tokenization import TokenizedCells
-        tokenizer.vocab.check_compatible(self.vocab)
+        tokenizer.vocab.check_compatible(self.vocab.gene_version)  # token ids: the genes must match, medians may differ
         parts = [tokenizer.tokenize(matrix, self.token_ids(index), cell_ids=mine, seed=seed)
                  for index, mine, matrix in self.read(np.sort(np.asarray(cells, np.int64)))]
         if not parts: raise CorpusError("no cells asked for: pass at least one cell index.")
@@ -461,7 +469,7 @@ class CorpusDataset(torch.utils.data.IterableDataset):
                  world_size: int | None = None, # processes (None: from torch.distributed, else 1)
                 ):
         self.corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus)
-        tokenizer.vocab.check_compatible(self.corpus.vocab)
+        tokenizer.vocab.check_compatible(self.corpus.vocab.gene_version)  # token ids: the genes must match, medians may differ
         self.rank, self.world_size = _distributed_position(rank, world_size)
         if batch_size < 1 or not 0 <= self.rank < self.world_size:
             raise CorpusError(f"batch_size={batch_size}, rank={self.rank}, world_size={self.world_size}: need batch_size >= 1 and 0 <= rank < world_size.")

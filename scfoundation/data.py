@@ -5,6 +5,7 @@
 # %% ../nbs/01_data.ipynb #46c2c867
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,18 +21,28 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from anndata.io import sparse_dataset, write_elem
+from anndata.io import read_elem, sparse_dataset, write_elem
 
 # %% auto #0
-__all__ = ['QC_COLUMNS', 'DataError', 'available_memory_bytes', 'sha256_file', 'read_anndata', 'read_chunks', 'var_names_of',
-           'describe_values', 'row_sums', 'column_indicator', 'sum_duplicate_genes', 'temp_path', 'publish',
-           'write_atomically', 'remove_stale_temps', 'check_output', 'H5adWriter', 'transform_rows', 'prepare_counts',
-           'mito_genes', 'add_obs_columns', 'qc_metrics', 'filter_cells', 'new_figure', 'plot_qc', 'load_pbmc68k',
-           'log_normalise_values', 'log_normalise', 'highly_variable_genes', 'Config']
+__all__ = ['QC_COLUMNS', 'DataError', 'short_list', 'available_memory_bytes', 'sha256_file', 'open_h5', 'read_anndata',
+           'read_chunks', 'var_names_of', 'describe_values', 'row_sums', 'column_indicator', 'sum_duplicate_genes',
+           'temp_path', 'publish', 'write_atomically', 'remove_stale_temps', 'check_output', 'check_output_folder',
+           'H5adWriter', 'transform_rows', 'prepare_counts', 'mito_genes', 'add_obs_columns', 'qc_metrics',
+           'filter_cells', 'new_figure', 'plot_qc', 'load_pbmc68k', 'log_normalise_values', 'log_normalise',
+           'highly_variable_genes', 'Config']
 
 # %% ../nbs/01_data.ipynb #6e16783f
 class DataError(ValueError):
     "Bad input data: the message says what was found and how to fix it."
+
+
+def short_list(items,         # anything iterable: names, labels, keys
+               limit: int = 8, # items shown before the count
+              ) -> str:
+    "The first `limit` items for a message, then how many there are in all: `'a', 'b', … (200 in all)`."
+    items = list(items)
+    shown = ", ".join(repr(str(item)) if isinstance(item, str) else str(item) for item in items[:limit])   # str(): numpy strings too
+    return shown if len(items) <= limit else f"{shown}, … ({len(items):,} in all)"
 
 # %% ../nbs/01_data.ipynb #99f6646f
 def available_memory_bytes() -> int:
@@ -60,14 +71,24 @@ def _human_bytes(n: float) -> str:
         n /= 1024
 
 # %% ../nbs/01_data.ipynb #7e78fcfe
+@contextlib.contextmanager
+def open_h5(path, mode: str = "r"):
+    "`h5py.File(path, mode)` as a context manager; a damaged or cut-short file is a DataError that says so."
+    try: handle = h5py.File(path, mode)
+    except OSError as error:
+        raise DataError(f"{path} cannot be read as HDF5 ({error}): the file is damaged or cut short (an interrupted "
+                        "copy, download or write); copy or write it again.") from None
+    with handle: yield handle
+
+
 def _check_h5ad(path: Path, backed: bool, max_dense_bytes: int | None):
     "Refuse files that are not AnnData, or whose dense X would not fit in memory."
     if not h5py.is_hdf5(path):
         raise DataError(f"{path} is not an AnnData .h5ad file (it is not HDF5 at all). "
                         "Pass an .h5ad written by AnnData/scanpy, a 10x .h5 file or a 10x matrix folder.")
-    with h5py.File(path, "r") as f:
+    with open_h5(path) as f:
         if "X" not in f or "obs" not in f or "var" not in f:
-            raise DataError(f"{path} is HDF5 but not an AnnData file (top-level keys: {sorted(f.keys())}). "
+            raise DataError(f"{path} is HDF5 but not an AnnData file (top-level keys: {short_list(sorted(f.keys()))}). "
                             "A 10x Genomics .h5 file should end in .h5; other HDF5 files must be converted to AnnData.")
         X = f["X"]
         if isinstance(X, h5py.Dataset) and not backed:
@@ -79,6 +100,16 @@ def _check_h5ad(path: Path, backed: bool, max_dense_bytes: int | None):
                                 "Open it with read_anndata(path, backed=True): prepare_counts then reads it in chunks into a sparse matrix.")
 
 # %% ../nbs/01_data.ipynb #b63cea41
+def _read_10x_folder(path: Path) -> ad.AnnData:
+    "A Cell Ranger matrix folder; files that do not fit together are a DataError naming them."
+    import scanpy as sc
+    try: return sc.read_10x_mtx(path, var_names="gene_symbols", make_unique=False)
+    except (ValueError, IndexError, OSError, EOFError) as error:
+        raise DataError(f"{path} is not a readable 10x matrix folder ({error}): matrix.mtx(.gz), features.tsv(.gz) (one line "
+                        "per gene) and barcodes.tsv(.gz) (one per cell) must come whole from the same Cell Ranger run; "
+                        "copy the folder again, or pass the run's .h5 file.") from None
+
+
 def read_anndata(source, # an AnnData, or a path: `.h5ad`, 10x `.h5`, or a 10x folder with `matrix.mtx(.gz)`
                  backed: bool | str = False, # leave X on disk (`.h5ad` only), for data larger than memory; "auto": when the file is over a quarter of the free memory
                  max_dense_bytes: int | None = None, # refuse a dense X above this size (default: half the free memory)
@@ -91,8 +122,7 @@ def read_anndata(source, # an AnnData, or a path: `.h5ad`, 10x `.h5`, or a 10x f
         if not any(path.glob("matrix.mtx*")):
             raise DataError(f"{path} is a folder without matrix.mtx(.gz): pass a 10x Cell Ranger output folder "
                             "(matrix.mtx.gz, features.tsv.gz, barcodes.tsv.gz) or an .h5ad file.")
-        import scanpy as sc
-        return sc.read_10x_mtx(path, var_names="gene_symbols", make_unique=False)
+        return _read_10x_folder(path)
     if path.suffix == ".h5":
         import scanpy as sc
         try: return sc.read_10x_h5(path)
@@ -107,7 +137,7 @@ def read_anndata(source, # an AnnData, or a path: `.h5ad`, 10x `.h5`, or a 10x f
 # %% ../nbs/01_data.ipynb #rdchk002
 def _h5_csr(path) -> bool:
     "True when the .h5ad stores X as a CSR group we can read slice by slice with h5py."
-    with h5py.File(path, "r") as f:
+    with open_h5(path) as f:
         return isinstance(f.get("X"), h5py.Group) and f["X"].attrs.get("encoding-type") == "csr_matrix"
 
 
@@ -117,7 +147,7 @@ def read_chunks(source,          # AnnData (in memory or backed), a matrix (spar
                ):
     "Yield `(first_cell, csr_chunk)` over the cells, never loading more than one chunk of a file."
     if isinstance(source, (str, Path)) and _h5_csr(source):
-        with h5py.File(source, "r") as f:
+        with open_h5(source) as f:
             group = f["X"]; indptr = group["indptr"][:]; n_vars = int(group.attrs["shape"][1])
             for first in range(start, len(indptr) - 1 if stop is None else stop, chunk_size):
                 last = min(first + chunk_size, len(indptr) - 1 if stop is None else stop)
@@ -136,8 +166,7 @@ def var_names_of(source) -> list[str]:
     "Gene names of an AnnData or `.h5ad` path (reads only `var` from a file)."
     if isinstance(source, ad.AnnData): return list(source.var_names)
     if isinstance(source, (str, Path)):
-        backed = ad.read_h5ad(source, backed="r"); names = list(backed.var_names); backed.file.close()
-        return names
+        with open_h5(source) as f: return list(read_elem(f["var"]).index)
     raise DataError("A bare matrix has no gene names: pass an AnnData or an .h5ad path (or `var_names=`).")
 
 # %% ../nbs/01_data.ipynb #c831da85
@@ -220,7 +249,7 @@ def _candidates(adata: ad.AnnData, layer: str | None, use_raw: bool | None):
     "The (name, matrix, var) places where counts may live, in the order they are tried."
     if layer is not None:
         if layer not in adata.layers:
-            raise DataError(f"layer={layer!r} not found; the layers are {list(adata.layers)}.")
+            raise DataError(f"layer={layer!r} not found; the layers are {short_list(adata.layers) or 'none'}.")
         return [(f"layers[{layer!r}]", adata.layers[layer], adata.var)]
     if use_raw:
         if adata.raw is None: raise DataError("use_raw=True but adata.raw is None.")
@@ -387,6 +416,18 @@ def check_output(path,            # the file to write
     if path.exists() and not overwrite: raise DataError(f"{path} exists: pass overwrite=True to replace it, or another output path.")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)
+    return path
+
+
+def check_output_folder(path,      # the folder to write into (new, or one an earlier run wrote)
+                        inputs=(), # paths (or anything else, ignored) the same command reads
+                       ) -> Path:
+    "Refuse, before any work, a folder output that is an existing file or one of the inputs."
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{path} is a file, not a folder: pass the path of a folder to write into (new, or one an earlier run wrote).")
+    if any(isinstance(source, (str, Path)) and _same_file(source, path) for source in inputs):
+        raise DataError(f"{path} is also the input: pass another folder to write into.")
     return path
 
 # %% ../nbs/01_data.ipynb #21b6b5e4

@@ -14,7 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .data import DataError, highly_variable_genes, log_normalise, new_figure
+from .data import DataError, highly_variable_genes, log_normalise, new_figure, short_list
 from .model import SCFModel
 from .tokenization import CellDataset, collate
 
@@ -30,7 +30,7 @@ def get_embedding(adata: ad.AnnData, # cells with an embedding in `obsm`
                  ) -> np.ndarray:
     "`adata.obsm[key]` as a dense float32 (cells × dims) array, checked to be finite."
     if key not in adata.obsm:
-        raise DataError(f"obsm[{key!r}] not found (obsm has {sorted(adata.obsm.keys())}). Compute it first: "
+        raise DataError(f"obsm[{key!r}] not found (obsm has {short_list(sorted(adata.obsm.keys()))}). Compute it first: "
                         "pca_baseline(adata) writes 'X_pca_hvg', embed_adata(adata, model) writes 'X_scf'.")
     embedding = adata.obsm[key]
     embedding = embedding.toarray() if sp.issparse(embedding) else np.asarray(embedding)
@@ -52,7 +52,7 @@ def obs_values(adata: ad.AnnData,    # cells with the column in `obs`
               ) -> np.ndarray:
     "`adata.obs[key]` as an array of strings, checked to be complete with at least two values."
     if key not in adata.obs:
-        raise DataError(f"obs[{key!r}] not found (obs has {list(adata.obs.columns)}). Pass {argument}= the column that holds the {what}.")
+        raise DataError(f"obs[{key!r}] not found (obs has {short_list(adata.obs.columns)}). Pass {argument}= the column that holds the {what}.")
     column = adata.obs[key]
     if column.isna().any():
         raise DataError(f"obs[{key!r}] is missing for {int(column.isna().sum())} cells: fill or drop them first, "
@@ -62,7 +62,7 @@ def obs_values(adata: ad.AnnData,    # cells with the column in `obs`
     if len(classes) < 2: raise DataError(f"obs[{key!r}] holds a single value: at least two {what} are needed.")
     small = classes[counts < min_per_class]
     if len(small):
-        raise DataError(f"obs[{key!r}] values {list(small)} have fewer than {min_per_class} cells, too few "
+        raise DataError(f"obs[{key!r}] values {short_list(small.tolist())} have fewer than {min_per_class} cells, too few "
                         "for a stratified split: merge or drop them first.")
     return values
 

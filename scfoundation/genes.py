@@ -20,12 +20,12 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 # %% auto #0
-__all__ = ['GENE_TABLE_COLUMNS', 'ID_TYPES', 'MATCH_KINDS', 'SPECIAL_TOKENS', 'PAD_ID', 'MASK_ID', 'CLS_ID', 'N_SPECIAL',
-           'VOCAB_FORMAT', 'VOCAB_FORMAT_VERSION', 'GeneError', 'gene_table', 'match_gene_ids', 'map_genes',
-           'coverage_report', 'plot_gene_matches', 'Vocab']
+__all__ = ['GENE_TABLE_COLUMNS', 'ID_TYPES', 'MATCH_KINDS', 'MOUSE_LIKE_SHARE', 'SPECIAL_TOKENS', 'PAD_ID', 'MASK_ID', 'CLS_ID',
+           'N_SPECIAL', 'VOCAB_FORMAT', 'VOCAB_FORMAT_VERSION', 'GeneError', 'gene_table', 'match_gene_ids',
+           'map_genes', 'coverage_report', 'plot_gene_matches', 'gene_version_of', 'versions_fit', 'Vocab']
 
 # %% ../nbs/02_genes.ipynb #86b887f5
-from .data import DataError, column_indicator, new_figure, read_chunks, transform_rows
+from .data import DataError, column_indicator, new_figure, read_chunks, short_list, transform_rows
 
 
 class GeneError(DataError):
@@ -137,6 +137,19 @@ def _match_unique(keys: pd.Series, kinds: pd.Series) -> tuple[pd.Series, pd.Seri
     return entrez, match
 
 # %% ../nbs/02_genes.ipynb #4e3d8acd
+MOUSE_LIKE_SHARE = 0.5  # match_gene_ids warns when more than this share of the ids look like mouse genes
+_MOUSE_PATTERN = r"^(?:mt-.+|Gm\d+|.+Rik\d*|[A-Z][a-z][a-z0-9]*|ENSMUSG\d{11}(?:\.\d+)?)$"
+
+
+def _warn_if_mouse(ids: pd.Series) -> None:
+    "Warn, with examples, when most `ids` look like mouse genes (`Actb`, `mt-Co1`, `Gm42418`, `…Rik`, `ENSMUSG…`)."
+    looks_mouse = ids.str.match(_MOUSE_PATTERN)
+    if ids.empty or looks_mouse.mean() <= MOUSE_LIKE_SHARE: return
+    warnings.warn(f"{looks_mouse.mean():.0%} of the gene ids look like mouse genes (e.g. {', '.join(ids[looks_mouse].head(3))}) but "
+                  "are matched onto the human table by their upper-case form: map mouse data through a homology table with "
+                  "scfoundation.prior.homology_vocab_map(adata, table) instead.", UserWarning, stacklevel=4)
+
+
 def match_gene_ids(ids: Iterable[str],  # gene identifiers: symbols, aliases, Ensembl or Entrez ids
                    id_type: str = "auto",  # "auto" (per identifier), "symbol", "ensembl" or "entrez"
                   ) -> pd.DataFrame:  # one row per input: input_id, entrez_id (Int64), token, match
@@ -144,7 +157,8 @@ def match_gene_ids(ids: Iterable[str],  # gene identifiers: symbols, aliases, En
     if id_type not in ID_TYPES:
         raise GeneError(f"id_type={id_type!r} is not known; use one of {ID_TYPES}.")
     inputs = pd.Series(list(ids), dtype=object).astype(str)
-    unique_inputs = pd.Series(inputs.unique())
+    unique_inputs = pd.Series(inputs.unique(), dtype=object)
+    _warn_if_mouse(unique_inputs)
     keys = unique_inputs.str.strip().str.upper()
     entrez, match = _match_unique(keys, _detect_kind(keys, id_type))
     token_of = _load_gene_table().set_index("entrez_id")["token"]
@@ -196,7 +210,7 @@ def _check_adata(adata, id_column: str | None, out) -> None:
         raise GeneError("the AnnData has no genes (X is empty); pass the count matrix.")
     if id_column is not None and id_column not in adata.var.columns:
         raise GeneError(f"id_column={id_column!r} is not a var column; "
-                        f"choose one of {list(adata.var.columns)} or None for var_names.")
+                        f"choose one of {short_list(adata.var.columns)} or None for var_names.")
 
 
 def _warn_summed(matches: pd.DataFrame, mapped: np.ndarray) -> int:
@@ -289,12 +303,27 @@ def plot_gene_matches(adata: AnnData,  # the output of `map_genes`
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>")
 PAD_ID, MASK_ID, CLS_ID = 0, 1, 2      # the ids of SPECIAL_TOKENS: every tokenizer and model reads these
 N_SPECIAL = len(SPECIAL_TOKENS)
-VOCAB_FORMAT, VOCAB_FORMAT_VERSION = "scfoundation.vocab", 1
+VOCAB_FORMAT, VOCAB_FORMAT_VERSION = "scfoundation.vocab", 2   # 2: the version covers the medians
 
 
-def _vocab_version(tokens: Sequence[str]) -> str:
-    "Content hash of the token list: 16 hex digits of SHA-256."
-    return hashlib.sha256(json.dumps(list(tokens)).encode("utf-8")).hexdigest()[:16]
+def _vocab_version(tokens: Sequence[str], medians: np.ndarray | None = None) -> str:
+    "Content hash: 16 hex digits of SHA-256 of the token list, then `-` and 16 of the float32 medians (if any)."
+    genes_part = hashlib.sha256(json.dumps(list(tokens)).encode("utf-8")).hexdigest()[:16]
+    if medians is None: return genes_part
+    return f"{genes_part}-{hashlib.sha256(np.asarray(medians, '<f4').tobytes()).hexdigest()[:16]}"
+
+
+def gene_version_of(version: str) -> str:  # a `Vocab.version`, with or without its medians part
+    "The genes part of a vocabulary version: what fixes which token id is which gene."
+    return str(version).split("-")[0]
+
+
+def versions_fit(first: str, second: str) -> bool:  # two `Vocab.version`s (or a model's `vocab_version`)
+    "Same genes, and the same medians where both versions name medians (a vocabulary without medians makes no rank-value tokens)."
+    first, second = str(first), str(second)
+    if gene_version_of(first) != gene_version_of(second): return False
+    both_name_medians = first != gene_version_of(first) and second != gene_version_of(second)
+    return first == second or not both_name_medians
 
 
 def _check_gene_names(genes: Sequence[str]) -> tuple[str, ...]:
@@ -313,7 +342,7 @@ def _check_gene_names(genes: Sequence[str]) -> tuple[str, ...]:
 # %% ../nbs/02_genes.ipynb #61288e9c
 def _check_medians(medians, n_tokens: int) -> np.ndarray:
     "Per-token float32 medians (NaN for special tokens), read-only; or a GeneError."
-    values = np.asarray(medians, dtype=np.float32).ravel()
+    values = np.array(medians, dtype=np.float32).ravel()  # a copy: the caller's array stays theirs
     n_genes = n_tokens - len(SPECIAL_TOKENS)
     if len(values) == n_genes:
         values = np.concatenate([np.full(len(SPECIAL_TOKENS), np.nan, np.float32), values])
@@ -323,6 +352,7 @@ def _check_medians(medians, n_tokens: int) -> np.ndarray:
     if np.isinf(values).any() or (values < 0).any():
         raise GeneError("medians must be non-negative and finite (NaN for 'not observed').")
     values[: len(SPECIAL_TOKENS)] = np.nan
+    values[np.isnan(values)], values[values == 0] = np.nan, 0.0  # one NaN and one zero: the same medians, the same hash
     values.setflags(write=False)
     return values
 
@@ -337,9 +367,12 @@ def _read_vocab_json(path: Path) -> dict:
     if not isinstance(content, dict) or content.get("format") != VOCAB_FORMAT:
         raise GeneError(f"{path} is not a scfoundation vocabulary (no format "
                         f"{VOCAB_FORMAT!r}); pass the vocab.json written by Vocab.save().")
-    if content.get("format_version") != VOCAB_FORMAT_VERSION:
+    if content.get("format_version") not in (1, VOCAB_FORMAT_VERSION):
         raise GeneError(f"{path} has vocabulary format {content.get('format_version')}, this "
                         f"scfoundation reads {VOCAB_FORMAT_VERSION}; use the matching version.")
+    if content["format_version"] == 1 and content.get("medians") is not None:
+        raise GeneError(f"{path} is a format-1 vocabulary with medians, whose version did not cover them (a model could "
+                        "not tell other medians apart): rebuild it with Vocab.with_medians(...) and retrain with it.")
     return content
 
 
@@ -359,8 +392,9 @@ class Vocab:
         self.tokens = SPECIAL_TOKENS + self.genes
         self.token_to_id = {token: index for index, token in enumerate(self.tokens)}
         self._index = pd.Index(self.tokens)
-        self.version = _vocab_version(self.tokens)
         self.medians = None if medians is None else _check_medians(medians, len(self.tokens))
+        self.version = _vocab_version(self.tokens, self.medians)   # tokens and medians: what changes the tokens
+        self.gene_version = gene_version_of(self.version)           # tokens only: which id is which gene
 
     def __len__(self) -> int: return len(self.tokens)
 
@@ -400,16 +434,17 @@ class Vocab:
 
     # --- medians and versions
     def with_medians(self, medians) -> "Vocab":  # one float per token, or per gene (NaN = not observed)
-        "A copy of this vocabulary carrying `medians` (same tokens, same version)."
+        "A copy of this vocabulary carrying `medians` (same tokens and `gene_version`, a new `version`)."
         return type(self)(self.genes, medians=medians)
 
     def check_compatible(self, version) -> None:  # the version a model was trained with (or that Vocab)
-        "Raise a GeneError unless `version` is this vocabulary's version."
+        "Raise a GeneError unless `version` fits this vocabulary's (`versions_fit`: same genes, same medians if both have them)."
         expected = version.version if isinstance(version, Vocab) else str(version)
-        if expected != self.version:
-            raise GeneError(f"vocabulary version {self.version} does not match the model's "
-                            f"{expected}: token ids would point at other genes. Use the vocabulary "
-                            "saved with the model (Vocab.load(model_dir / 'vocab.json')).")
+        if versions_fit(expected, self.version): return
+        harm = ("rank-value tokens would follow other medians" if gene_version_of(expected) == self.gene_version
+                else "token ids would point at other genes")
+        raise GeneError(f"vocabulary version {self.version} does not match the model's {expected}: {harm}. "
+                        "Use the vocabulary saved with the model (Vocab.load(model_dir / 'vocab.json')).")
 
     # --- saving and loading
     def save(self, path) -> Path:  # where to write the JSON file
@@ -424,7 +459,7 @@ class Vocab:
 
     @classmethod
     def load(cls, path) -> "Vocab":
-        "Read a vocabulary written by `Vocab.save`, checking its content hash."
+        "Read a vocabulary written by `Vocab.save`, checking its content hash (tokens and medians)."
         content = _read_vocab_json(path)
         tokens = content.get("tokens")
         if not isinstance(tokens, list) or tuple(tokens[:N_SPECIAL]) != SPECIAL_TOKENS:
@@ -434,8 +469,8 @@ class Vocab:
         if medians is not None: medians = np.array([np.nan if value is None else value for value in medians], dtype=np.float32)
         vocab = cls(tokens[N_SPECIAL:], medians=medians)
         if vocab.version != content.get("version"):
-            raise GeneError(f"{path}: the tokens do not match the recorded version {content.get('version')} (the file "
-                            "was edited or is corrupt); save the vocabulary again with Vocab.save().")
+            raise GeneError(f"{path}: the tokens or medians do not match the recorded version {content.get('version')} (the "
+                            "file was edited or is corrupt): use the file saved with the model, or save the vocabulary again with Vocab.save().")
         return vocab
 
     # --- where the genes come from
@@ -452,7 +487,7 @@ class Vocab:
             gene_types = [gene_types] if isinstance(gene_types, str) else list(gene_types)
             unknown = sorted(set(gene_types) - set(table["gene_type"]))
             if unknown:
-                raise GeneError(f"gene types {unknown} are not in the table; choose from {sorted(table['gene_type'].unique())}.")
+                raise GeneError(f"gene types {unknown} are not in the table; choose from {short_list(sorted(table['gene_type'].unique()))}.")
             table = table[table["gene_type"].isin(gene_types)]
         return cls(table["token"].tolist())
 

@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .data import DataError, log_normalise
+from .data import DataError, log_normalise, short_list
 from .evaluate import model_tokenizer, embed_cells, iter_batches
 from .simulate import propagate
 
@@ -181,7 +181,7 @@ def true_shift(adata: ad.AnnData,     # a simulated AnnData (`simulate`), with u
     truth, config = adata.uns["truth"], adata.uns["sim_config"]
     types = list(truth["cell_types"])
     for name in (source_type, target_type):
-        if name not in types: raise DataError(f"cell type {name!r} is not simulated; use one of {types}.")
+        if name not in types: raise DataError(f"cell type {name!r} is not simulated; use one of {short_list(map(str, types))}.")
     step = truth["cell_type_log_effect"][types.index(target_type)] - truth["cell_type_log_effect"][types.index(source_type)]
     genes = list(adata.var_names) if genes is None else ([genes] if isinstance(genes, str) else list(genes))
     columns = pd.Series(np.arange(adata.n_vars), index=adata.var_names)[genes].to_numpy()

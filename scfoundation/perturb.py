@@ -15,7 +15,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .data import DataError, log_normalise, new_figure
+from .data import DataError, log_normalise, new_figure, short_list
 from .evaluate import gene_embeddings
 from .simulate import PERTURBATION_KINDS, parse_perturbation
 
@@ -74,12 +74,12 @@ def observed_response(adata: ad.AnnData,                  # raw counts in X; per
                      ) -> pd.DataFrame:
     "Mean log-normalised expression of each perturbation's cells minus that of the controls (perturbations × genes)."
     if perturbation_key not in adata.obs:
-        raise DataError(f"obs[{perturbation_key!r}] not found (obs has {list(adata.obs.columns)}): pass perturbation_key=.")
+        raise DataError(f"obs[{perturbation_key!r}] not found (obs has {short_list(adata.obs.columns)}): pass perturbation_key=.")
     labels = adata.obs[perturbation_key].astype(str).to_numpy()
     names, codes, counts = np.unique(labels, return_inverse=True, return_counts=True)
     if control not in names: raise DataError(f"No cells labelled {control!r} in obs[{perturbation_key!r}]: pass control= the label of unperturbed cells.")
     if (counts < min_cells).any():
-        raise DataError(f"Perturbations {list(names[counts < min_cells])} have fewer than {min_cells} cells: drop them or lower min_cells.")
+        raise DataError(f"Perturbations {short_list(names[counts < min_cells].tolist())} have fewer than {min_cells} cells: drop them or lower min_cells.")
     indicator = sp.csr_matrix((1.0 / counts[codes], (codes, np.arange(len(codes)))), shape=(len(names), len(codes)))
     means = np.asarray((indicator @ log_normalise(adata)).todense())             # (groups × genes)
     change = means - means[names == control]

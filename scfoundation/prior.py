@@ -19,8 +19,8 @@ import torch
 from anndata import AnnData
 from torch import nn
 
-from .data import log_normalise
-from .genes import GeneError, Vocab, gene_table, map_genes, SPECIAL_TOKENS
+from .data import log_normalise, short_list
+from .genes import GeneError, Vocab, gene_table, gene_version_of, map_genes, SPECIAL_TOKENS
 from .model import SCFModel, register_extension
 
 # %% auto #0
@@ -209,7 +209,7 @@ class PriorFeatures:
     "Fixed per-token prior vectors and missing flags, one pair per source, for one vocabulary."
     vectors: dict  # source -> (n_tokens, dim_source) float32
     missing: dict  # source -> (n_tokens,) bool
-    vocab_version: str  # `Vocab.version` the rows follow
+    vocab_version: str  # `Vocab.gene_version` the rows follow (which id is which gene)
     info: dict = field(default_factory=dict)  # how the vectors were made (JSON-able)
 
     @property
@@ -283,7 +283,7 @@ def build_prior_features(vocab: Vocab,  # vectors are indexed by this vocabulary
         vectors[source], missing[source] = pair
     info = {"dim": dim, "seed": seed, "gene_sets": "scfoundation/assets/gene_sets_human.tsv.gz",
             "corpus_cells": None if corpus is None else int(corpus.n_obs)}
-    return PriorFeatures(vectors, missing, vocab.version, info)
+    return PriorFeatures(vectors, missing, vocab.gene_version, info)
 
 # %% ../nbs/13_prior.ipynb #904798d4
 def _module_name(source: str) -> str: return source.replace(":", "_")
@@ -330,9 +330,9 @@ def add_prior(model: SCFModel,  # modified in place: `model.embedding.gene` is w
     if features.n_tokens != config.vocab_size:
         raise PriorError(f"the features have {features.n_tokens} rows but the model has vocab_size="
                          f"{config.vocab_size}; build them with the model's vocabulary.")
-    if config.vocab_version is not None and features.vocab_version != config.vocab_version:
-        raise PriorError(f"the features follow vocabulary {features.vocab_version}, the model "
-                         f"{config.vocab_version}; build them with the model's vocabulary.")
+    if config.vocab_version is not None and features.vocab_version != gene_version_of(config.vocab_version):
+        raise PriorError(f"the features follow the genes of vocabulary {features.vocab_version}, the model "
+                         f"{gene_version_of(config.vocab_version)}; build them with the model's vocabulary.")
     model.embedding.gene = PriorGeneEmbedding(model.embedding.gene, features, sources)
     return model
 
@@ -433,7 +433,7 @@ def read_homology_table(table,  # a DataFrame, or the path of a TSV (optionally 
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     missing = [column for column in HOMOLOGY_COLUMNS if column not in table.columns]
     if missing:
-        raise PriorError(f"the homology table lacks columns {missing} (it has {list(table.columns)}); "
+        raise PriorError(f"the homology table lacks columns {missing} (it has {short_list(table.columns)}); "
                          "it needs a header with species_gene and human_gene, tab-separated.")
     return _select_rows(table, species, orthology_types)
 
@@ -445,7 +445,7 @@ def _select_rows(table: pd.DataFrame, species: str, orthology_types) -> pd.DataF
         names = table["species"].astype(str).str.strip().str.lower()
         if species.strip().lower() not in set(names):
             raise PriorError(f"species {species!r} is not in the homology table; it has "
-                             f"{sorted(names.unique())[:10]}. Pass one of these, or a table for your species.")
+                             f"{short_list(sorted(names.unique()), limit=10)}. Pass one of these, or a table for your species.")
         table = table[names == species.strip().lower()]
     if orthology_types is not None:
         if "orthology_type" not in table.columns:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +21,12 @@ from .data import DataError, log_normalise_values, read_chunks, row_sums, var_na
 from .genes import CLS_ID
 
 # %% auto #0
-__all__ = ['TOKENIZERS', 'check_counts', 'row_positions', 'segment_sort', 'float_bits', 'hash_uint32', 'TokenizedCells',
-           'with_cls', 'column_token_ids', 'map_columns', 'check_not_empty', 'compute_gene_medians', 'Tokenizer',
-           'RankValueTokenizer', 'quantile_bins', 'count_bins', 'sample_per_row', 'zero_tokens', 'keep_entries',
-           'concat_per_row', 'BinningTokenizer', 'ContinuousTokenizer', 'tokenizer_for', 'tokenizer_from_dict',
-           'CellDataset', 'cells_from_list', 'collate', 'iter_tokenized']
+__all__ = ['MIN_COUNTS_IN_VOCAB', 'OVERLAP_SAMPLE_CELLS', 'TOKENIZERS', 'check_counts', 'row_positions', 'segment_sort',
+           'float_bits', 'hash_uint32', 'TokenizedCells', 'with_cls', 'column_token_ids', 'check_vocab_overlap',
+           'map_columns', 'check_not_empty', 'compute_gene_medians', 'Tokenizer', 'RankValueTokenizer', 'quantile_bins',
+           'count_bins', 'sample_per_row', 'zero_tokens', 'keep_entries', 'concat_per_row', 'BinningTokenizer',
+           'ContinuousTokenizer', 'tokenizer_for', 'tokenizer_from_dict', 'CellDataset', 'cells_from_list', 'collate',
+           'iter_tokenized']
 
 # %% ../nbs/03_tokenize.ipynb #dfc63c50
 def check_counts(data: np.ndarray, # the stored (non-zero) values of a counts matrix
@@ -160,6 +162,25 @@ def column_token_ids(vocab,          # a `scfoundation.genes.Vocab`
         raise DataError("Several columns map to the same vocabulary gene: sum them first with "
                         "`scfoundation.genes.map_genes(adata)` (it sums duplicates).")
     return ids
+
+# %% ../nbs/03_tokenize.ipynb #overlap2
+MIN_COUNTS_IN_VOCAB = 0.5       # tokenizing warns when less than this share of the data's counts falls in vocabulary genes
+OVERLAP_SAMPLE_CELLS = 1_000    # the share is measured on this many first cells
+
+
+def check_vocab_overlap(source,                 # AnnData (in memory or backed), matrix or `.h5ad` path: cells × columns counts
+                        token_ids: np.ndarray,  # `column_token_ids` of its columns
+                       ) -> float:              # share of the counts in vocabulary genes (of the first cells)
+    "Share of the counts that fall in vocabulary genes; a warning with the figures and the fix below `MIN_COUNTS_IN_VOCAB`."
+    _, sample = next(read_chunks(source, OVERLAP_SAMPLE_CELLS), (0, sp.csr_matrix((0, len(token_ids)))))
+    total = float(sample.data.sum())
+    share = float(sample.data[token_ids[sample.indices] >= 0].sum()) / total if total else 1.0
+    if share < MIN_COUNTS_IN_VOCAB:
+        warnings.warn(f"only {share:.1%} of the counts ({int((token_ids >= 0).sum()):,} of {len(token_ids):,} genes) fall in genes of "
+                      f"the vocabulary, below {MIN_COUNTS_IN_VOCAB:.0%}: the model would read little of these cells. Map the genes "
+                      "with scfoundation.genes.map_genes(adata) (mouse data: scfoundation.prior.homology_vocab_map), or use a model "
+                      "whose vocabulary covers them.", UserWarning, stacklevel=3)
+    return share
 
 # %% ../nbs/03_tokenize.ipynb #83bab35e
 def map_columns(counts: sp.csr_matrix,   # cells × source genes, raw counts
@@ -300,8 +321,10 @@ class Tokenizer:
 
     def tokenize_adata(self, adata: ad.AnnData, # counts in X, gene names in var_names
                        seed: int = 0) -> TokenizedCells:
-        "Tokenize every cell of an in-memory AnnData."
-        return self.tokenize(adata.X, column_token_ids(self.vocab, adata.var_names), seed=seed)
+        "Tokenize every cell of an in-memory AnnData (a warning when its genes are mostly outside the vocabulary)."
+        token_ids = column_token_ids(self.vocab, adata.var_names)
+        check_vocab_overlap(adata, token_ids)
+        return self.tokenize(adata.X, token_ids, seed=seed)
 
     def _assemble(self, mapped, keep, cell_ids, panel, seed, include_zeros, **per_entry):
         "Kept expressed genes of each cell, then (optionally) zero genes up to `max_length`; then `<cls>`."
@@ -581,6 +604,7 @@ class CellDataset(torch.utils.data.Dataset):
         adata = ad.read_h5ad(self.path, backed="r") if self.path is not None else source
         if not isinstance(adata, ad.AnnData): raise DataError("source must be an AnnData or an .h5ad path.")
         self.token_ids = column_token_ids(tokenizer.vocab, adata.var_names)
+        check_vocab_overlap(adata, self.token_ids)
         self.n_cells = adata.n_obs
         if self.path is None and adata.isbacked: self.path = Path(adata.filename)
         self._matrix, self._pid = (None, None) if self.path is not None else (self._in_memory(adata.X), None)
@@ -655,6 +679,7 @@ def iter_tokenized(source,                  # AnnData, CSR matrix, or `.h5ad` pa
                   ):
     "Yield `(first_cell, TokenizedCells)` chunk by chunk, in order: a corpus on disk to token arrays."
     token_ids = column_token_ids(tokenizer.vocab, var_names if var_names is not None else var_names_of(source))
+    check_vocab_overlap(source, token_ids)
     def work(item):
         first, chunk = item
         return first, tokenizer.tokenize(chunk, token_ids, cell_ids=np.arange(first, first + chunk.shape[0]), seed=seed)

@@ -13,9 +13,10 @@ import math
 import os
 import re
 import shutil
+import socket
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,24 +27,31 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .data import Config, DataError, read_anndata, sha256_file
-from .genes import Vocab
-from .model import ModelConfig, ModelError, SCFModel, extension_files, extension_headers, mask_batch
+from .data import (Config, DataError, publish, read_anndata, remove_stale_temps, sha256_file, temp_path,
+                               write_atomically)
+from .genes import Vocab, versions_fit
+from .model import (CHECKSUMS_FILE, ModelConfig, ModelError, SCFModel, extension_files, extension_headers, mask_batch,
+                                verify_checksums, write_checksums)
 from .tokenization import CellDataset, collate, compute_gene_medians, tokenizer_for
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FILES', 'STATE_FORMAT', 'EXACT_RESUME_FIELDS', 'FOLDER_SOURCES', 'RESULT_FREE_FIELDS', 'CheckpointError',
-           'TrainConfig', 'learning_rate', 'micro_batch_indices', 'derived_seed', 'accumulate_gradients',
-           'make_optimizer', 'optimizer_step', 'optimizer_to_safetensors', 'optimizer_from_safetensors',
-           'write_directory_atomically', 'save_checkpoint', 'checkpoint_step', 'find_latest_checkpoint',
-           'read_checkpoint', 'check_resumable', 'CellBatches', 'training_stream', 'build_model', 'resolve_device',
-           'setup_distributed', 'wrap_model', 'optimizer_parameter_names', 'rename_optimizer_state', 'full_copies',
-           'load_optimizer_state', 'default_cache_dir', 'code_version', 'cache_key', 'train_step', 'resume_run',
-           'run_state', 'save_final', 'save_run', 'pretrain']
+__all__ = ['CHECKPOINT_FILES', 'STATE_FORMAT', 'FINAL_FILES', 'EXACT_RESUME_FIELDS', 'FOLDER_SOURCES', 'RESULT_FREE_FIELDS',
+           'LOCK_FILE', 'CheckpointError', 'TrainingError', 'TrainConfig', 'learning_rate', 'micro_batch_indices',
+           'derived_seed', 'accumulate_gradients', 'make_optimizer', 'optimizer_step', 'optimizer_to_safetensors',
+           'optimizer_from_safetensors', 'write_directory_atomically', 'save_checkpoint', 'checkpoint_step',
+           'is_own_checkpoint', 'own_checkpoints', 'find_latest_checkpoint', 'check_replaceable', 'read_checkpoint',
+           'check_resumable', 'CellBatches', 'training_stream', 'build_model', 'resolve_device', 'setup_distributed',
+           'wrap_model', 'optimizer_parameter_names', 'rename_optimizer_state', 'full_copies', 'load_optimizer_state',
+           'default_cache_dir', 'code_version', 'cache_key', 'train_step', 'check_finite', 'weights_finite',
+           'resume_run', 'run_state', 'run_lock', 'recover_run_folder', 'save_steps', 'check_run_folder', 'save_final',
+           'save_run', 'pretrain']
 
 # %% ../nbs/06_pretrain.ipynb #764f9c1f
 class CheckpointError(ValueError):
-    "A checkpoint that cannot be used: missing, corrupt, truncated or mismatched. The message names the fix."
+    "A run folder or checkpoint that cannot be used: busy, foreign, corrupt, truncated or mismatched. The message names the fix."
+
+class TrainingError(RuntimeError):
+    "A run that cannot go on (a loss that is no longer a number): the message names the step, the likely cause and the fix."
 
 # %% ../nbs/06_pretrain.ipynb #e69896be
 @dataclass
@@ -70,6 +78,8 @@ class TrainConfig(Config):
     def __post_init__(self):
         problems = []
         if self.steps < 1: problems.append(f"steps={self.steps} must be >= 1")
+        if not self.lr > 0: problems.append(f"lr={self.lr} must be > 0")
+        if not (self.weight_decay >= 0 and self.clip_norm >= 0): problems.append("weight_decay and clip_norm must be >= 0")
         if self.grad_accum < 1: problems.append(f"grad_accum={self.grad_accum} must be >= 1")
         elif self.batch_size < self.grad_accum or self.batch_size % self.grad_accum:
             problems.append(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
@@ -77,8 +87,9 @@ class TrainConfig(Config):
         if self.precision not in ("fp32", "bf16"): problems.append(f'precision="{self.precision}" must be "fp32" or "bf16"')
         if self.device not in ("auto", "cpu", "cuda"): problems.append(f'device="{self.device}" must be "auto", "cpu" or "cuda"')
         if not 0 <= self.min_lr_ratio <= 1: problems.append(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
-        if self.warmup_steps < 0 or self.save_every < 0 or self.log_every < 1 or self.num_workers < 0:
-            problems.append("warmup_steps, save_every and num_workers must be >= 0, log_every >= 1")
+        if min(self.warmup_steps, self.save_every, self.keep_last, self.num_workers) < 0 or self.log_every < 1:
+            problems.append(f"warmup_steps, save_every, keep_last and num_workers must be >= 0, log_every >= 1 (got "
+                            f"{self.warmup_steps}, {self.save_every}, {self.keep_last}, {self.num_workers}, {self.log_every})")
         if problems: raise self.error("invalid TrainConfig: " + "; ".join(problems))
 
 # %% ../nbs/06_pretrain.ipynb #524be79f
@@ -197,21 +208,25 @@ def optimizer_from_safetensors(path: str | Path, # written by `optimizer_to_safe
     return {"state": state, "param_groups": index["param_groups"]}
 
 # %% ../nbs/06_pretrain.ipynb #ca5ff140
+def _aside_path(target: Path) -> Path:
+    "Where `write_directory_atomically` moves the folder it replaces, for the instant between two renames."
+    return temp_path(target.with_name(target.name + ".old"))
+
 def write_directory_atomically(target: str | Path, # the folder to create (or replace)
                                write_into,         # function(temp_folder) that writes the files
                               ) -> Path:
     "Call `write_into(temp_dir)`, then move the finished folder onto `target`: never a half-written target."
     target = Path(target)
-    temp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    temp = temp_path(target)
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir(parents=True)
     try: write_into(temp)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True); raise
     if target.exists():                      # os.replace cannot overwrite a non-empty folder: move it aside first
-        old = target.parent / f".old-{target.name}-{os.getpid()}"
-        os.replace(target, old); os.replace(temp, target); shutil.rmtree(old)
-    else: os.replace(temp, target)
+        old = _aside_path(target)
+        os.replace(target, old); publish(temp, target); shutil.rmtree(old)
+    else: publish(temp, target)
     return target
 
 # %% ../nbs/06_pretrain.ipynb #67d8fd05
@@ -224,12 +239,14 @@ def save_checkpoint(directory: str | Path,   # e.g. out_dir / "checkpoint-100"
                     train_config: TrainConfig, # saved beside the state
                     state: dict,             # step, history, data position …: JSON-serialisable
                    ) -> Path:
-    "Write a resumable checkpoint folder atomically: the model's folder (weights, config, vocabulary), optimizer, trainer state."
+    "Write a resumable checkpoint folder atomically: the model's folder (weights, config, vocabulary), optimizer, trainer state, checksums."
+    check_replaceable(Path(directory))
     def write(temp):
         model.save_pretrained(temp)
-        optimizer_to_safetensors(optimizer, temp / "optimizer.safetensors")
+        write_atomically(temp / "optimizer.safetensors", lambda path: optimizer_to_safetensors(optimizer, path))  # usual file modes
         full_state = {"format": STATE_FORMAT, "train_config": train_config.to_dict(), **state}
         (temp / "trainer_state.json").write_text(json.dumps(full_state, indent=1))
+        write_checksums(temp)
     return write_directory_atomically(directory, write)
 
 # %% ../nbs/06_pretrain.ipynb #ad62e3dd
@@ -238,14 +255,42 @@ def checkpoint_step(path: str | Path) -> int | None:
     match = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
     return int(match.group(1)) if match else None
 
+def _json_format(path: Path):
+    try: return json.loads(path.read_text()).get("format")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError): return None
+
+def is_own_checkpoint(path: str | Path) -> bool:
+    "A `checkpoint-<step>` folder this package wrote: its trainer state, or its checksums, are ours (even if damaged elsewhere)."
+    path = Path(path)
+    return (path.is_dir() and checkpoint_step(path) is not None and
+            (_json_format(path / "trainer_state.json") == STATE_FORMAT or _json_format(path / CHECKSUMS_FILE) == "scf-checksums-1"))
+
+def own_checkpoints(out_dir: str | Path, # a run's output folder
+                   ) -> list[Path]:
+    "This package's checkpoint folders in `out_dir`, oldest first (other tools' `checkpoint-N` and temp folders are ignored)."
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir(): return []
+    return sorted((path for path in out_dir.iterdir() if is_own_checkpoint(path)), key=checkpoint_step)
+
 def find_latest_checkpoint(out_dir: str | Path, # a run's output folder
                           ) -> Path | None:
-    "The newest `checkpoint-<step>` folder holding every checkpoint file, or None; temp folders are ignored."
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir(): return None
-    complete = [path for path in out_dir.iterdir() if path.is_dir() and checkpoint_step(path) is not None
-                and all((path / name).is_file() for name in CHECKPOINT_FILES)]
-    return max(complete, key=checkpoint_step, default=None)
+    "The newest of this package's checkpoints in `out_dir`, or None."
+    return (own_checkpoints(out_dir) or [None])[-1]
+
+# %% ../nbs/06_pretrain.ipynb #ownfld01
+FINAL_FILES = ("model.safetensors", "config.json", "vocab.json", CHECKSUMS_FILE, "train_config.json", "history.json")
+
+def check_replaceable(target: Path):
+    "Raise CheckpointError unless `target` (a `checkpoint-<step>` or `final` folder) is absent or wholly this package's."
+    if not target.exists(): return
+    if checkpoint_step(target) is not None:
+        foreign = [] if is_own_checkpoint(target) else ["a folder without scfoundation's trainer state"]
+    else:
+        known = {*FINAL_FILES, *extension_files()}
+        foreign = sorted(path.name for path in target.iterdir() if path.name not in known) if target.is_dir() else ["a file"]
+    if foreign:
+        raise CheckpointError(f"{target} holds what scfoundation did not write ({', '.join(foreign[:5])}): the run would replace it. "
+                              f"Move that out of {target.parent}, or choose another out_dir.")
 
 # %% ../nbs/06_pretrain.ipynb #352c7eb7
 def _read_json(path: Path, what: str):
@@ -260,6 +305,7 @@ def read_checkpoint(path: str | Path, # a `checkpoint-<step>` folder
     path = Path(path)
     missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
     if missing: raise CheckpointError(f"{path} lacks {missing}: not a complete checkpoint. Pass a checkpoint-<step> folder written by pretrain.")
+    verify_checksums(path, CheckpointError, fix=f"delete {path} to resume from an earlier checkpoint, or use a new out_dir")
     state = _read_json(path / "trainer_state.json", "trainer state")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path / 'trainer_state.json'} is not a trainer state of format {STATE_FORMAT}: was it written by scfoundation.train?")
@@ -286,6 +332,8 @@ def check_resumable(checkpoint: dict,         # from `read_checkpoint`
                     model: SCFModel,          # the freshly built model of this run
                     train_config: TrainConfig, # this run's settings
                     n_cells: int,             # cells in this run's data
+                    fingerprint: str | None = None, # the data stream's fingerprint (checked when the checkpoint has one)
+                    extend: bool = False,     # allow another `steps` (the schedule changes from here on)
                    ):
     "Raise CheckpointError unless the checkpoint continues exactly this run."
     path, state = checkpoint["path"], checkpoint["state"]
@@ -304,6 +352,22 @@ def check_resumable(checkpoint: dict,         # from `read_checkpoint`
     changed = [name for name in EXACT_RESUME_FIELDS if state["train_config"].get(name) != getattr(train_config, name)]
     if changed: raise CheckpointError(f"{path} was trained with other settings ({_differences(state['train_config'], train_config.to_dict(), changed)}); resuming would not continue that run. {fix}")
     if state.get("n_cells") != n_cells: raise CheckpointError(f"{path} was trained on {state.get('n_cells')} cells; these data hold {n_cells}. {fix}")
+    if fingerprint and state.get("data_fingerprint", fingerprint) != fingerprint:
+        raise CheckpointError(f"{path} was trained on other data of the same size (fingerprint {state['data_fingerprint']}, these data "
+                              f"{fingerprint}): pass the data of that run, or choose a new out_dir to train on these.")
+    _check_steps(path, state, train_config, extend)
+
+def _check_steps(path: Path, state: dict, train_config: TrainConfig, extend: bool):
+    "Refuse another `steps` unless `extend`: the learning-rate schedule depends on it."
+    saved, done = state["train_config"].get("steps"), state["step"]
+    if done > train_config.steps:
+        raise CheckpointError(f"{path} has trained {done} steps, more than steps={train_config.steps}: "
+                              f"pass steps={saved} to resume it, or choose a new out_dir.")
+    if saved != train_config.steps and not extend:
+        before, after = learning_rate(done, replace(train_config, steps=saved)), learning_rate(done, train_config)
+        raise CheckpointError(f"{path} belongs to a run of steps={saved}; steps={train_config.steps} changes its learning-rate "
+                              f"schedule (at step {done}: {before:.3g} → {after:.3g}). Pass steps={saved} to resume it, "
+                              f"extend=True to continue under the new schedule, or a new out_dir.")
 
 # %% ../nbs/06_pretrain.ipynb #029a032f
 class CellBatches:
@@ -389,7 +453,7 @@ def build_model(model,                      # a ModelConfig (a new model), or an
         model = SCFModel(replace(model, vocab_size=len(vocab), vocab_version=vocab.version, tokenizer=tokenizer.to_dict()))
     else:
         config = model.config
-        if config.vocab_size != len(vocab) or config.vocab_version not in (None, vocab.version):
+        if config.vocab_size != len(vocab) or (config.vocab_version is not None and not versions_fit(config.vocab_version, vocab.version)):
             raise ModelError(f"the model was built for a vocabulary of {config.vocab_size} tokens (version {config.vocab_version}), "
                              f"not this one ({len(vocab)}, {vocab.version}): pass the model's vocabulary")
         model.config = replace(config, vocab_version=vocab.version, tokenizer=config.tokenizer or tokenizer.to_dict())
@@ -517,34 +581,125 @@ def train_step(trained: torch.nn.Module,  # the model, or its DDP / FSDP wrapper
     return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "masked": n_masked,
             "tokens_per_s": n_tokens / (time.perf_counter() - began)}
 
-# %% ../nbs/06_pretrain.ipynb #0b250fd5
-def resume_run(out_dir: Path, resume: bool, model: SCFModel, stream, train_config: TrainConfig):
-    "(start step, history so far, checkpoint or None): the newest checkpoint of `out_dir` checked and loaded into model and stream."
+def check_finite(row: dict,                # a history row of `train_step` (the same on every process)
+                 train_config: TrainConfig,
+                 out_dir: Path,            # the run folder, to name what is kept
+                 weights_ok: bool = True,  # False: the update left weights that are not finite
+                ):
+    "Stop the run with a `TrainingError` when the loss, the gradient norm or (after the update) a weight is not a finite number."
+    if weights_ok and math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]): return
+    what = (f"the loss is {row['loss']} (gradient norm {row['grad_norm']})" if weights_ok
+            else f"the weights hold numbers that are not finite (loss {row['loss']:.3g}, gradient norm {row['grad_norm']:.3g})")
     latest = find_latest_checkpoint(out_dir)
-    if latest is None: return 0, [], None
+    kept = f"{latest.name} and final/ are as they were" if latest else "nothing of this run was saved"
+    cause = f"lr={train_config.lr:g} is too high (try one tenth)" + (", or bf16 overflowed (try precision='fp32')" if train_config.precision == "bf16" else "")
+    raise TrainingError(f"{what} at step {row['step']}: training diverged. "
+                        f"Likely cause: {cause}, or the counts hold extreme values. {kept}; rerun with a lower lr and a new out_dir.")
+
+def weights_finite(trained: torch.nn.Module, device: torch.device, world_size: int = 1) -> bool:
+    "Whether every weight is a finite number, on every process (checked before anything is saved)."
+    local = [parameter.to_local() if hasattr(parameter, "to_local") else parameter for parameter in trained.parameters()]
+    finite = torch.tensor(float(all(bool(torch.isfinite(value.detach()).all()) for value in local)), device=device)
+    if world_size > 1: dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+# %% ../nbs/06_pretrain.ipynb #0b250fd5
+def _newest_readable(checkpoints: list[Path]) -> dict:
+    "The newest checkpoint that reads and verifies (`read_checkpoint`); damaged newer ones are named in a warning, and left as they are."
+    damaged, first_error = [], None
+    for path in reversed(checkpoints):
+        try: checkpoint = read_checkpoint(path)
+        except CheckpointError as error:
+            damaged.append(path.name); first_error = first_error or error; continue
+        if damaged:
+            problem = str(first_error).split(": ")[0]
+            warnings.warn(f"skipped the damaged {', '.join(damaged)} ({problem}): resuming from {path.name}, the newest checkpoint "
+                          "that verifies. The damaged folders stay as they are until this run writes over them.", UserWarning, stacklevel=4)
+        return checkpoint
+    raise CheckpointError(f"no checkpoint in {checkpoints[0].parent} can be used; the newest: {first_error}")
+
+def resume_run(out_dir: Path, resume: bool, model: SCFModel, stream, train_config: TrainConfig,
+               fingerprint: str | None = None, extend: bool = False):
+    "(start step, history so far, checkpoint or None): the newest verified checkpoint of `out_dir`, checked and loaded into model and stream."
+    checkpoints = own_checkpoints(out_dir)
+    if not checkpoints: return 0, [], None
     if not resume:
-        raise CheckpointError(f"{out_dir} already holds {latest.name}; starting afresh would overwrite it. "
+        raise CheckpointError(f"{out_dir} already holds {checkpoints[-1].name}; starting afresh would overwrite it. "
                               "Pass resume=True to continue that run, or choose a new out_dir.")
-    checkpoint = read_checkpoint(latest)                 # everything read and checked before anything changes
-    check_resumable(checkpoint, model, train_config, stream.n_cells)
+    checkpoint = _newest_readable(checkpoints)          # everything read and verified before anything changes
+    check_resumable(checkpoint, model, train_config, stream.n_cells, fingerprint, extend)
     state = checkpoint["state"]
-    if state["step"] > train_config.steps:
-        raise CheckpointError(f"{latest} has trained {state['step']} steps, more than steps={train_config.steps}: "
-                              f"pass steps >= {state['step']} to extend the run, or choose a new out_dir.")
+    if state["train_config"]["steps"] != train_config.steps:
+        warnings.warn(f"extending the run of {checkpoint['path']} from steps={state['train_config']['steps']} to "
+                      f"steps={train_config.steps}: its learning-rate schedule changes from step {state['step']} on", UserWarning, stacklevel=3)
     stream.load_state_dict(state.get("data", {}))
     model.load_state_dict(checkpoint["weights"])
     return state["step"], list(state["history"]), checkpoint
 
-def run_state(step: int, history: list, stream, world_size: int) -> dict:
-    return {"step": step, "history": history, "n_cells": stream.n_cells, "world_size": world_size,
-            "data": stream.state_dict(step),
+def run_state(step: int, history: list, stream, world_size: int, fingerprint: str | None = None) -> dict:
+    return {"step": step, "history": history, "n_cells": stream.n_cells, "data_fingerprint": fingerprint,
+            "world_size": world_size, "data": stream.state_dict(step),
             "rng": "masks and dropout are seeded from (seed, step, micro-batch, cell): nothing to restore",
             "schedule": "warmup + cosine, a function of the step (see learning_rate)"}
 
 def _prune_checkpoints(out_dir: Path, keep_last: int):
+    "Delete all but the newest `keep_last` of this package's checkpoints (never another tool's folders)."
     if keep_last <= 0: return
-    found = sorted((path for path in out_dir.iterdir() if path.is_dir() and checkpoint_step(path) is not None), key=checkpoint_step)
-    for old in found[:-keep_last]: shutil.rmtree(old, ignore_errors=True)
+    for old in own_checkpoints(out_dir)[:-keep_last]: shutil.rmtree(old, ignore_errors=True)
+
+# %% ../nbs/06_pretrain.ipynb #runfold1
+LOCK_FILE = ".scf-run.lock"
+
+def _locked_handle(path: Path):
+    "An open handle on `path` holding its exclusive lock, or None when another process holds it."
+    import fcntl
+    while True:
+        handle = open(path, "a+")
+        try: fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close(); return None
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)): return handle
+        except FileNotFoundError: pass
+        handle.close()                       # the holder removed the file as it let go: lock the new one
+
+@contextmanager
+def run_lock(out_dir: Path):
+    "Hold `out_dir` for this run; a second run into it is refused, naming the holder. A killed run lets go at once (an OS lock)."
+    if out_dir.exists() and not out_dir.is_dir(): raise DataError(f"{out_dir} is a file: pass a folder for the run (out_dir).")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_FILE
+    handle = _locked_handle(path)
+    if handle is None:
+        holder = path.read_text().strip() if path.is_file() else "another process"
+        raise CheckpointError(f"{out_dir} is in use by another run ({holder}): wait for it to finish, or choose another out_dir.")
+    handle.seek(0); handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"); handle.flush()
+    try: yield path
+    finally:
+        path.unlink(missing_ok=True); handle.close()
+
+def recover_run_folder(out_dir: Path) -> list[Path]:
+    "Put back a folder a killed replace left aside, then delete the temp files and folders of dead writers; returns those."
+    for aside in out_dir.glob(".*.old.*.tmp"):
+        match = re.fullmatch(r"\.(.+)\.old\.(\d+)\.tmp", aside.name)
+        if match and int(match.group(2)) != os.getpid() and not (out_dir / match.group(1)).exists():
+            os.replace(aside, out_dir / match.group(1))
+    return remove_stale_temps(out_dir)
+
+# %% ../nbs/06_pretrain.ipynb #runfold2
+def save_steps(start: int, last: int, train_config: TrainConfig) -> list[int]:
+    "The steps after which a run from `start` to `last` writes a checkpoint."
+    return [step for step in range(start + 1, last + 1)
+            if step == last or (train_config.save_every and step % train_config.save_every == 0)]
+
+def check_run_folder(out_dir: Path, start: int, last: int, train_config: TrainConfig):
+    "Before the first step: every folder this run will write must be absent or this package's own."
+    if start == 0 and (out_dir / "final").is_dir():
+        raise CheckpointError(f"{out_dir / 'final'} holds a finished model, but no checkpoint of its run is left to resume: a new run "
+                              "would replace it. Choose another out_dir, or move final/ away.")
+    targets = [out_dir / f"checkpoint-{step}" for step in save_steps(start, last, train_config)]
+    for target in targets + ([out_dir / "final"] if last == train_config.steps else []): check_replaceable(target)
 
 # %% ../nbs/06_pretrain.ipynb #2e5cf607
 def save_final(out_dir: str | Path,      # the run's folder; writes out_dir/final
@@ -552,11 +707,13 @@ def save_final(out_dir: str | Path,      # the run's folder; writes out_dir/fina
                train_config: TrainConfig, # saved as train_config.json
                history: list,            # saved as history.json
               ) -> Path:
-    "Write `out_dir/final`: what `SCFModel.from_pretrained` reads (vocabulary included), plus the settings and the history."
+    "Write `out_dir/final`: what `SCFModel.from_pretrained` reads (vocabulary included), the settings, the history, their checksums."
+    check_replaceable(Path(out_dir) / "final")
     def write(temp):
         model.save_pretrained(temp)
         (temp / "train_config.json").write_text(train_config.to_json())
         (temp / "history.json").write_text(json.dumps(history))
+        write_checksums(temp)
     return write_directory_atomically(Path(out_dir) / "final", write)
 
 def save_run(out_dir: Path, trained, model: SCFModel, optimizer, fsdp: bool, train_config: TrainConfig,
@@ -580,9 +737,9 @@ def pretrain(data,                  # cells: AnnData (in memory or backed), `.h5
              cache: bool | str | Path = False, # True (or a folder): run in the cache folder keyed on data, settings and code
              progress: bool = True, # show a tqdm bar with loss and tokens/s (rank 0 only)
              stop_after: int | None = None, # stop after this step as if interrupted (checkpoint, no final/)
+             extend: bool = False,  # resume a run whose `steps` was different: continue under the new schedule
             ) -> SCFModel:
     "Masked-gene pretraining on any data source, on one process or many; returns the trained model (history in `.history`)."
-    from tqdm.auto import tqdm
     train_config = train_config or TrainConfig()
     device = resolve_device(train_config.device)
     rank, world_size = setup_distributed(device)
@@ -591,21 +748,20 @@ def pretrain(data,                  # cells: AnnData (in memory or backed), `.h5
     stream = training_stream(data, config, train_config, vocab, tokenizer, rank, world_size)
     model = build_model(model, stream.tokenizer, train_config.seed).to(device).train()
     out_dir = _run_folder(out_dir, cache, stream, model, train_config)
-    start, history, checkpoint = resume_run(out_dir, resume, model, stream, train_config)
-    if start == train_config.steps and (out_dir / "final").is_dir():
-        return _finished(model, history, out_dir, cached=bool(cache), rank=rank)
-    trained = wrap_model(model, fsdp, world_size)
-    optimizer = make_optimizer(trained, train_config)
-    if checkpoint: load_optimizer_state(trained, optimizer, checkpoint["optimizer_state"], fsdp)
-    batches, last = stream.batches(start), min(train_config.steps, stop_after or train_config.steps)
-    bar = tqdm(range(start, last), initial=start, total=train_config.steps, disable=not progress or rank != 0, mininterval=2)
-    for step in bar:
-        history.append(train_step(trained, optimizer, batches, step, model.config, train_config, device, rank, world_size))
-        if (step + 1) % train_config.log_every == 0: bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", tokens_per_s=f"{history[-1]['tokens_per_s']:,.0f}")
-        if step + 1 == last or (train_config.save_every and (step + 1) % train_config.save_every == 0):
-            save_run(out_dir, trained, model, optimizer, fsdp, train_config, run_state(step + 1, history, stream, world_size), rank)
-    if last == train_config.steps: save_run(out_dir, trained, model, optimizer, fsdp, train_config, {"history": history}, rank, final=True)
-    if world_size > 1: dist.barrier()
+    with run_lock(out_dir) if rank == 0 else nullcontext():
+        if rank == 0: recover_run_folder(out_dir)
+        if world_size > 1: dist.barrier()                 # the others read the folder once it is repaired
+        fingerprint = stream.fingerprint()
+        start, history, checkpoint = resume_run(out_dir, resume, model, stream, train_config, fingerprint, extend)
+        if start == train_config.steps and (out_dir / "final").is_dir():
+            return _finished(model, history, out_dir, cached=bool(cache), rank=rank)
+        last = min(train_config.steps, stop_after or train_config.steps)
+        if rank == 0: check_run_folder(out_dir, start, last, train_config)
+        trained = wrap_model(model, fsdp, world_size)
+        optimizer = make_optimizer(trained, train_config)
+        if checkpoint: load_optimizer_state(trained, optimizer, checkpoint["optimizer_state"], fsdp)
+        run = dict(trained=trained, model=model, optimizer=optimizer, fsdp=fsdp, train_config=train_config, rank=rank)
+        _train_steps(run, stream, out_dir, start, last, history, fingerprint, device, world_size, progress)
     model.history = pd.DataFrame(history)
     return model.eval()
 
@@ -620,10 +776,27 @@ def _run_folder(out_dir, cache, stream, model: SCFModel, train_config: TrainConf
 def _own_tokenizer(model, vocab):
     "The tokenizer of a model that already has one (it keeps reading cells its way); a different `vocab` is refused."
     own = getattr(model, "tokenizer", None)
-    if own is not None and vocab is not None and vocab.version != own.vocab.version:
+    if own is not None and vocab is not None and not versions_fit(vocab.version, own.vocab.version):
         raise ModelError(f"the model reads cells with vocabulary {own.vocab.version}, not the vocab= given ({vocab.version}): "
                          "drop vocab=, or build a new model for that vocabulary")
     return own
+
+def _train_steps(run: dict, stream, out_dir: Path, start: int, last: int, history: list, fingerprint: str,
+                 device: torch.device, world_size: int, progress: bool):
+    "Steps start … last - 1: train, guard, checkpoint; `final/` when the run is complete."
+    from tqdm.auto import tqdm
+    train_config, rank, saves = run["train_config"], run["rank"], set(save_steps(start, last, run["train_config"]))
+    batches = stream.batches(start)
+    bar = tqdm(range(start, last), initial=start, total=train_config.steps, disable=not progress or rank != 0, mininterval=2)
+    for step in bar:
+        history.append(train_step(run["trained"], run["optimizer"], batches, step, run["model"].config, train_config, device, rank, world_size))
+        check_finite(history[-1], train_config, out_dir)
+        if (step + 1) % train_config.log_every == 0: bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", tokens_per_s=f"{history[-1]['tokens_per_s']:,.0f}")
+        if step + 1 in saves:
+            check_finite(history[-1], train_config, out_dir, weights_ok=weights_finite(run["trained"], device, world_size))
+            save_run(out_dir, **run, state=run_state(step + 1, history, stream, world_size, fingerprint))
+    if last == train_config.steps: save_run(out_dir, **run, state={"history": history}, final=True)
+    if world_size > 1: dist.barrier()
 
 def _finished(model: SCFModel, history: list, out_dir: Path, cached: bool, rank: int) -> SCFModel:
     "A run that has done all its steps: the model as the last checkpoint left it, saying so (nothing is trained or written)."
@@ -631,5 +804,5 @@ def _finished(model: SCFModel, history: list, out_dir: Path, cached: bool, rank:
     if rank == 0:
         if cached: print(f"pretrain: loaded the cached run {out_dir.name} ({len(history)} steps, same data, settings and code)")
         else: warnings.warn(f"{out_dir} already holds this finished run of {len(history)} steps: returned it and trained nothing. "
-                            "Raise steps to train it further, or pass a new out_dir to start afresh.", UserWarning, stacklevel=3)
+                            "Raise steps with extend=True to train it further, or pass a new out_dir to start afresh.", UserWarning, stacklevel=3)
     return model.eval()

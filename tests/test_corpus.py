@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from scfoundation.corpus import (Corpus, CorpusBatches, CorpusDataset, CorpusError, build_corpus, corpus_gene_medians,
                                  corpus_vocab, local_shuffle, sample_shards, stream_batches)
 from scfoundation.data import DataError
-from scfoundation.genes import Vocab
+from scfoundation.genes import Vocab, gene_version_of
 from scfoundation.model import ModelConfig, SCFModel
 from scfoundation.tokenization import BinningTokenizer, ContinuousTokenizer, RankValueTokenizer
 from scfoundation.train import CheckpointError, TrainConfig, pretrain
@@ -170,6 +170,46 @@ def test_tokens_equal_those_from_the_source_file(sources, corpus_dir, kind):
         assert (left is None and right is None) or np.array_equal(left, right), key
 
 
+def test_a_corpus_records_the_genes_of_its_vocabulary(sources, tmp_path):
+    "Shards hold token ids: built with a vocabulary carrying medians they record its gene_version, and resume without it."
+    plain = corpus_vocab(sources[0])
+    with_medians = plain.with_medians(np.ones(len(plain.genes)))
+    built = build_corpus(sources[0], tmp_path / "c", with_medians, shard_size=64, workers=1, progress=False)
+    assert built["vocab_version"] == plain.version == with_medians.gene_version != with_medians.version
+    assert Corpus(tmp_path / "c").vocab == with_medians                                 # opens: its genes match the manifest
+    again = build_corpus(sources[0], tmp_path / "c", plain, shard_size=64, workers=1, progress=False)
+    assert again["build"]["shards_built"] == 0                                          # same genes: every shard reused
+    with pytest.raises(CorpusError, match="built with vocabulary"):
+        build_corpus(sources[0], tmp_path / "c", Vocab(plain.genes[::-1]), shard_size=64, workers=1, progress=False)
+
+
+def test_a_rebuild_drops_medians_cached_from_other_shards(sources, tmp_path):
+    "gene_medians.npy belongs to the shards it was computed from: a rebuild that changes them removes it."
+    folder = tmp_path / "inputs"; shutil.copytree(sources[0], folder)
+    vocab, out = corpus_vocab(folder), tmp_path / "corpus"
+    build_corpus(folder, out, vocab, shard_size=64, workers=1, progress=False)
+    before = Corpus(out).gene_medians()
+    build_corpus(folder, out, vocab, shard_size=64, workers=1, progress=False)             # nothing changes: kept
+    assert (out / "gene_medians.npy").is_file()
+    write_counts(folder / "b.h5ad", list(ad.read_h5ad(folder / "b.h5ad").var_names), 110, seed=9)
+    build_corpus(folder, out, vocab, shard_size=64, workers=1, progress=False)
+    assert not (out / "gene_medians.npy").is_file()
+    assert not np.array_equal(Corpus(out).gene_medians(), before, equal_nan=True)
+
+
+def test_rank_model_on_a_corpus_records_its_medians(corpus_dir, tmp_path):
+    "corpus → Corpus.gene_medians → rank tokenizer → model: the model's version names the medians, a saved model reloads."
+    config, train = ModelConfig(input_kind="rank", **TINY), TrainConfig(steps=2, batch_size=8, warmup_steps=1, save_every=0)
+    shutil.copytree(corpus_dir, tmp_path / "c"); corpus = Corpus(tmp_path / "c")
+    model = pretrain(corpus, config, train, tmp_path / "run", progress=False)
+    assert model.tokenizer.vocab == corpus.vocab.with_medians(corpus.gene_medians())
+    assert model.config.vocab_version == model.tokenizer.vocab.version and model.tokenizer.vocab.gene_version == corpus.vocab.version
+    loaded = SCFModel.from_pretrained(tmp_path / "run" / "final")
+    assert loaded.tokenizer.vocab == model.tokenizer.vocab
+    other = corpus.vocab.with_medians(np.where(np.isnan(corpus.gene_medians()), np.nan, 1.0))
+    with pytest.raises(ValueError, match="version"): SCFModel.from_pretrained(tmp_path / "run" / "final", vocab=other)
+
+
 def test_training_stream_tokenizer_and_cached_medians(corpus_dir, tmp_path):
     shutil.copytree(corpus_dir, tmp_path / "c"); corpus = Corpus(tmp_path / "c")
     subset = sample_shards(corpus, 100)
@@ -300,6 +340,7 @@ def test_ddp_and_fsdp_on_two_processes(corpus_dir, tmp_path):
         state = json.loads((tmp_path / f"{mode}-split" / "checkpoint-4" / "trainer_state.json").read_text())
         assert state["world_size"] == 2 and state["data"]["stream"]["batch"] == 4 * 2
         model = SCFModel.from_pretrained(tmp_path / f"{mode}-whole" / "final")  # a plain model, whatever the wrapper
-        assert model.config.vocab_version == Corpus(corpus_dir).vocab.version
+        assert gene_version_of(model.config.vocab_version) == Corpus(corpus_dir).vocab.gene_version  # + the corpus's medians
+        assert model.config.vocab_version == model.tokenizer.vocab.version != Corpus(corpus_dir).vocab.version
     ddp, fsdp = (load_file(tmp_path / f"{mode}-whole" / "final" / "model.safetensors") for mode in ("ddp", "fsdp"))
     assert all(torch.allclose(ddp[key], fsdp[key], atol=2e-2) for key in ddp)  # the same training, another wrapper

@@ -451,3 +451,34 @@ def test_every_plot_returns_a_figure_pyplot_does_not_hold(monkeypatch):
     fig, axes = new_figure(3, 2, figsize=(3, 2))
     assert isinstance(fig, Figure) and axes.shape == (2, 3) and plt.get_fignums() == []
     assert new_figure(2, squeeze=False)[1].shape == (1, 2)
+
+
+def test_short_list_names_a_few_and_counts_the_rest():
+    from scfoundation.data import short_list
+    assert short_list(["B cell", "T cell"]) == "'B cell', 'T cell'"
+    assert short_list([f"type {i}" for i in range(200)], limit=2) == "'type 0', 'type 1', … (200 in all)"
+    layers = {f"layer_{i}": sp.csr_matrix((2, 2)) for i in range(50)}
+    adata = ad.AnnData(sp.csr_matrix(np.ones((2, 2))), layers=layers)
+    with pytest.raises(DataError, match=r"\(50 in all\)") as error: prepare_counts(adata, layer="missing")
+    assert len(str(error.value)) < 300
+
+
+def test_damaged_files_are_named_with_the_fix(tmp_path, counts):
+    from scfoundation.data import read_chunks, var_names_of
+    counts.write_h5ad(tmp_path / "whole.h5ad")
+    whole = (tmp_path / "whole.h5ad").read_bytes()
+    (tmp_path / "cut.h5ad").write_bytes(whole[: len(whole) // 2])           # an interrupted copy
+    for read in (read_anndata, lambda path: next(read_chunks(path)), var_names_of):
+        with pytest.raises(DataError, match="cut short.*copy or write it again"): read(tmp_path / "cut.h5ad")
+    folder = tmp_path / "tenx"
+    write_10x_mtx(folder, counts)
+    with gzip.open(folder / "features.tsv.gz", "wt") as f: f.write("ENSG0\tCD3E\tGene Expression\n")   # 1 line for 4 genes
+    with pytest.raises(DataError, match="not a readable 10x matrix folder.*features.tsv"): read_anndata(folder)
+
+
+def test_folder_outputs_may_exist_but_not_be_files(tmp_path):
+    from scfoundation.data import check_output_folder
+    assert check_output_folder(tmp_path / "new") == tmp_path / "new" and check_output_folder(tmp_path) == tmp_path
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="is a file, not a folder"): check_output_folder(tmp_path / "file")
+    with pytest.raises(DataError, match="also the input"): check_output_folder(tmp_path, inputs=[tmp_path])

@@ -10,7 +10,7 @@ import torch
 from scfoundation.data import DataError
 from scfoundation.evaluate import (cluster_scores, embed_adata, embed_cells, evaluate_embeddings, gene_embeddings,
                                    get_embedding, get_labels, iter_batches, knn_accuracy, label_silhouette, leiden_clusters,
-                                   pca_baseline, sample_cells, stratified_split)
+                                   obs_values, pca_baseline, sample_cells, stratified_split)
 from scfoundation.genes import GeneError, Vocab
 from scfoundation.model import ModelConfig, SCFModel
 from scfoundation.tokenization import CellDataset, collate
@@ -252,6 +252,20 @@ def test_bad_embeddings_and_labels_are_refused_unchanged(cells):
     with pytest.raises(DataError, match="singleton"): evaluate_embeddings(cells, keys=["X_good"], label_key="rare")
     pd.testing.assert_frame_equal(cells.obs[before.columns], before)
 
+
+def test_errors_about_many_labels_or_columns_stay_short():
+    "200 long labels (each a singleton) or 200 obs columns: the message shows a few and the count, not all of them."
+    labels = [f"a-very-long-cell-type-label-that-goes-on-and-on-{i:03d}" for i in range(200)]
+    cells = ad.AnnData(np.zeros((400, 1), np.float32), obs=pd.DataFrame({"label": labels + ["common"] * 200},
+                                                                        index=[f"c{i}" for i in range(400)]))
+    with pytest.raises(DataError, match=r"\(200 in all\) have fewer than 2 cells") as error:
+        obs_values(cells, "label", "label_key", "cell types", min_per_class=2)
+    assert len(str(error.value)) < 1000 and labels[0] in str(error.value)
+    wide = ad.AnnData(np.zeros((3, 1), np.float32), obs=pd.DataFrame({f"{label}-column": 0 for label in labels},
+                                                                     index=["a", "b", "c"]))
+    with pytest.raises(DataError, match=r"obs has .*\(200 in all\).*label_key=") as error:
+        obs_values(wide, "nope", "label_key", "cell types")
+    assert len(str(error.value)) < 1000
 
 def test_bad_counts_are_refused(make_cells):
     negative = ad.AnnData(sp.csr_matrix(np.array([[1.0, -2.0], [3.0, 1.0]], dtype=np.float32)))

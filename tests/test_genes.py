@@ -10,8 +10,8 @@ import pytest
 import scipy.sparse as sp
 
 from scfoundation.data import DataError
-from scfoundation.genes import (CLS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS, GeneError, Vocab,
-                                coverage_report, gene_table, map_genes, match_gene_ids,
+from scfoundation.genes import (CLS_ID, MASK_ID, PAD_ID, SPECIAL_TOKENS, VOCAB_FORMAT_VERSION, GeneError, Vocab,
+                                coverage_report, gene_table, gene_version_of, map_genes, match_gene_ids, versions_fit,
                                 plot_gene_matches)
 
 
@@ -312,7 +312,7 @@ def test_with_medians_copy_and_validation():
     vocab = Vocab.from_genes(["A1BG", "TP53"])
     with_medians = vocab.with_medians(np.array([1.5, np.nan]))
     assert vocab.medians is None and with_medians is not vocab
-    assert with_medians.version == vocab.version
+    assert with_medians.gene_version == vocab.version == vocab.gene_version
     assert with_medians.medians.dtype == np.float32 and len(with_medians.medians) == 5
     assert np.isnan(with_medians.medians[[0, 1, 2, 4]]).all() and with_medians.medians[3] == 1.5
     per_token = vocab.with_medians([np.nan, np.nan, np.nan, 2.0, 3.0])
@@ -327,7 +327,7 @@ def test_vocab_json_round_trip(tmp_path):
     vocab = Vocab.from_genes(["CD3E", "MS4A1", "TP53"]).with_medians([1.0, np.nan, 0.25])
     path = vocab.save(tmp_path / "vocab.json")
     content = json.loads(path.read_text())
-    assert content["version"] == vocab.version and content["format_version"] == 1
+    assert content["version"] == vocab.version and content["format_version"] == VOCAB_FORMAT_VERSION
     assert content["medians"][:3] == [None, None, None]
     loaded = Vocab.load(path)
     assert loaded == vocab and loaded.version == vocab.version
@@ -361,6 +361,46 @@ def test_vocab_load_detects_edited_tokens(tmp_path):
         Vocab.load(path)
 
 
+def test_vocab_version_covers_the_medians():
+    "Other medians give other rank-value tokens: they give another version; the genes part stays."
+    vocab = Vocab.from_genes(["A1BG", "TP53"])
+    first, same, other = (vocab.with_medians(values) for values in ([1.5, np.nan], [1.5, np.nan], [1.5, 2.0]))
+    assert first.version == same.version != other.version != vocab.version
+    assert first.version.startswith(vocab.version + "-") and first.gene_version == other.gene_version == vocab.version
+    assert gene_version_of(first.version) == gene_version_of(vocab.version) == vocab.version
+    minus_nan = np.array([1.5, -np.nan], np.float32)                   # another NaN bit pattern: the same medians
+    assert vocab.with_medians(minus_nan).version == first.version
+    first.check_compatible(first.version)
+    first.check_compatible(vocab.version)                              # a genes-only version names no medians
+    vocab.check_compatible(first)                                      # no medians: no rank-value tokens to get wrong
+    with pytest.raises(GeneError, match="other medians"): first.check_compatible(other.version)
+    assert versions_fit(first.version, vocab.version) and versions_fit(vocab.version, first.version)
+    assert not versions_fit(first.version, other.version) and not versions_fit("v1", "v2") and versions_fit("v1", "v1")
+    with pytest.raises(GeneError, match="other genes"): first.check_compatible(Vocab.from_genes(["TP53", "A1BG"]).version)
+
+
+def test_vocab_load_refuses_edited_medians(tmp_path):
+    "A vocab.json whose medians were changed (its version kept) is refused, and so is a format-1 file with medians."
+    vocab = Vocab.from_genes(["CD3E", "TP53"]).with_medians([1.0, 2.0])
+    path = vocab.save(tmp_path / "vocab.json")
+    content = json.loads(path.read_text())
+    path.write_text(json.dumps({**content, "medians": [None, None, None, 1.0, 3.0]}))
+    with pytest.raises(GeneError, match="tokens or medians do not match the recorded version"):
+        Vocab.load(path)
+    path.write_text(json.dumps({**content, "format_version": 1, "version": vocab.gene_version}))
+    with pytest.raises(GeneError, match="format-1 vocabulary with medians"):
+        Vocab.load(path)
+    plain = Vocab.from_genes(["CD3E", "TP53"])
+    path.write_text(json.dumps({**json.loads(plain.save(path).read_text()), "format_version": 1}))
+    assert Vocab.load(path) == plain                                   # format 1 without medians: the same version
+
+
+def test_with_medians_leaves_the_callers_array_alone():
+    medians = np.array([np.nan, np.nan, np.nan, 1.0, -0.0], np.float32)
+    Vocab.from_genes(["CD3E", "TP53"]).with_medians(medians)
+    assert medians.flags.writeable and np.signbit(medians[4])
+
+
 def test_vocab_from_gene_table():
     table = gene_table()
     coding = Vocab.from_gene_table()
@@ -386,3 +426,30 @@ def test_vocab_from_adata_counts_cells_across_datasets():
         Vocab.from_adata(first, min_cells=-1)
     with pytest.raises(GeneError, match="AnnData"):
         Vocab.from_adata([])
+
+
+MOUSE_GENES = ["Actb", "mt-Co1", "Gm42418", "Cd3e", "1700001C19Rik", "Malat1", "Ptprc", "H2-K1"]
+
+
+def test_mouse_symbols_are_named_once_with_the_homology_path():
+    "Mouse symbols would land on human namesakes by their upper case: one warning, examples, the fix."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mapped = map_genes(make_adata(MOUSE_GENES))
+    messages = [str(warning.message) for warning in caught if "mouse" in str(warning.message)]
+    assert len(messages) == 1 and "\n" not in messages[0] and caught[0].category is UserWarning
+    assert "Actb, mt-Co1, Gm42418" in messages[0] and "homology_vocab_map" in messages[0]
+    assert "ACTB" in mapped.var_names                                   # still mapped: a warning, not an error
+    with pytest.warns(UserWarning, match="look like mouse"):
+        match_gene_ids(["ENSMUSG00000029580", "ENSMUSG00000064351"])
+
+
+def test_human_ids_do_not_look_like_mouse():
+    from scfoundation.data import load_pbmc68k
+    from scfoundation.simulate import SimConfig, simulate
+    table = gene_table()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for ids in (table["symbol"], table["token"], table["ensembl_ids"].str.split(";").str[0], load_pbmc68k().var_names,
+                    simulate(SimConfig(n_cells=20, n_genes=200, seed=0)).var_names, MOUSE_GENES[:3] + ["TP53", "CD3E", "MS4A1"]):
+            match_gene_ids(ids)

@@ -362,7 +362,7 @@ def test_save_load_round_trip(tmp_path, kind):
     model = SCFModel(config).eval()
     batch = masked(config)
     model.save_pretrained(tmp_path / "ckpt")
-    assert sorted(path.name for path in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(path.name for path in (tmp_path / "ckpt").iterdir()) == ["checksums.json", "config.json", "model.safetensors"]
     loaded = SCFModel.from_pretrained(tmp_path / "ckpt", vocab="v1")
     assert loaded.config == config and not loaded.training
     assert torch.equal(loaded(batch)["loss"], model(batch)["loss"])
@@ -375,7 +375,7 @@ def tokenized_model(kind, vocab, adata):
     from scfoundation.tokenization import compute_gene_medians, tokenizer_for
     tokenizer = tokenizer_for(kind, vocab, 64, n_bins=11, gene_medians=lambda: compute_gene_medians(adata, vocab))
     config = ModelConfig(vocab_size=len(vocab), input_kind=kind, n_bins=11, d_model=32, n_layers=1, n_heads=2, d_ff=64,
-                         max_len=64, vocab_version=vocab.version, tokenizer=tokenizer.to_dict())
+                         max_len=64, vocab_version=tokenizer.vocab.version, tokenizer=tokenizer.to_dict())
     torch.manual_seed(0)
     model = SCFModel(config).eval()
     model.tokenizer = tokenizer
@@ -395,7 +395,7 @@ def test_save_load_round_trips_the_tokenizer(tmp_path, kind):
     adata.var_names = genes
     model = tokenized_model(kind, Vocab.from_genes(genes), adata)
     model.save_pretrained(tmp_path)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checksums.json", "config.json", "model.safetensors", "vocab.json"]
     loaded = SCFModel.from_pretrained(tmp_path)
     assert type(loaded.tokenizer) is type(model.tokenizer) and loaded.tokenizer.to_dict() == model.tokenizer.to_dict()
     assert loaded.tokenizer.vocab == model.tokenizer.vocab                      # medians included (rank)
@@ -404,6 +404,8 @@ def test_save_load_round_trips_the_tokenizer(tmp_path, kind):
     assert all(torch.equal(again[key], batch[key]) for key in batch)
     torch.testing.assert_close(loaded.embed(again), model.embed(batch))
     Vocab.from_genes(genes[:30]).save(tmp_path / "vocab.json")                  # another model's vocabulary
+    with pytest.raises(ModelError, match="vocab.json in .* do not match checksums.json"): SCFModel.from_pretrained(tmp_path)
+    (tmp_path / "checksums.json").unlink()                                       # a folder without checksums: the version says it
     with pytest.raises(ModelError, match="vocab.json has version .* save the model and its vocabulary together"):
         SCFModel.from_pretrained(tmp_path)
 
@@ -417,6 +419,7 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ModelError, match="vocabulary version"): SCFModel.from_pretrained(tmp_path, vocab=FakeVocab())
     with pytest.raises(FileNotFoundError, match="save_pretrained"): SCFModel.from_pretrained(tmp_path / "missing")
 
+    (tmp_path / "checksums.json").unlink()                  # the checks below, for folders without checksums (older versions)
     wider = json.loads((tmp_path / "config.json").read_text()); wider["d_ff"] = 128
     (tmp_path / "config.json").write_text(json.dumps(wider))
     with pytest.raises(ModelError, match=r"shape mismatch for encoder\.blocks\.0\.feed_forward"): SCFModel.from_pretrained(tmp_path)
@@ -440,7 +443,7 @@ def test_save_is_atomic_and_overwrites(tmp_path):
     first, second = SCFModel(config), SCFModel(config)
     torch.nn.init.ones_(second.head.bias)
     first.save_pretrained(tmp_path); second.save_pretrained(tmp_path)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checksums.json", "config.json", "model.safetensors"]
     assert torch.equal(SCFModel.from_pretrained(tmp_path).head.bias, second.head.bias)
 
 
@@ -477,7 +480,7 @@ def test_extension_is_written_and_its_module_imported_on_demand(tmp_path, regist
     loaded = SCFModel.from_pretrained(tmp_path / "m")
     assert "toy_scale_module" in sys.modules and loaded.toy_scale.tolist() == [2.0, 2.0, 2.0]
     SCFModel(small()).save_pretrained(tmp_path / "m")                 # a model without the part
-    assert sorted(path.name for path in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(path.name for path in (tmp_path / "m").iterdir()) == ["checksums.json", "config.json", "model.safetensors"]
 
 
 def test_extension_errors(tmp_path, registry):
@@ -569,3 +572,20 @@ def test_embed_takes_the_full_path_when_the_last_block_is_watched():
     finally: handle.remove()
     assert rows == [int(batch["attention_mask"].sum())]
     torch.testing.assert_close(watched, fast, atol=1e-5, rtol=1e-5)
+
+
+def test_checksums_catch_damage_safetensors_does_not(tmp_path):
+    "Issue 18, case 5: flipped bytes inside the tensor data loaded silently; checksums.json now names the damaged file."
+    model = SCFModel(small()).eval()
+    model.save_pretrained(tmp_path)
+    recorded = json.loads((tmp_path / "checksums.json").read_text())
+    assert recorded["format"] == "scf-checksums-1" and sorted(recorded["sha256"]) == ["config.json", "model.safetensors"]
+    weights = tmp_path / "model.safetensors"
+    damaged = bytearray(weights.read_bytes()); damaged[-4] ^= 0x7F; weights.write_bytes(bytes(damaged))
+    with pytest.raises(ModelError, match="model.safetensors in .* do not match checksums.json"):
+        SCFModel.from_pretrained(tmp_path)
+    (tmp_path / "checksums.json").unlink()                              # without checksums the damage loads as numbers
+    loaded = SCFModel.from_pretrained(tmp_path).state_dict()
+    assert any(not torch.equal(loaded[key], value) for key, value in model.state_dict().items())
+    (tmp_path / "checksums.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not a readable checksum file"): SCFModel.from_pretrained(tmp_path)

@@ -39,6 +39,12 @@ def corpus():
     return AnnData(X=sp.csr_matrix(counts), var=pd.DataFrame(index=GENES))
 
 
+def write_by_hand(path, text):
+    "Edit a file of a saved model as a person would, in a folder without checksums (as older versions wrote): the prior's own checks answer."
+    path.write_text(text)
+    (path.parent / "checksums.json").unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
 def features(vocab, corpus):
     return build_prior_features(vocab, corpus=corpus, dim=4)
@@ -148,7 +154,7 @@ def test_chromosome_features():
 # --- PriorFeatures -----------------------------------------------------------------------------
 
 def test_build_prior_features_and_coverage(vocab, features):
-    assert features.sources == PRIOR_SOURCES and features.vocab_version == vocab.version
+    assert features.sources == PRIOR_SOURCES and features.vocab_version == vocab.version == vocab.gene_version
     coverage = features.coverage()
     assert list(coverage.index) == list(PRIOR_SOURCES)
     assert coverage.loc["chromosome", "fraction"] == 1.0
@@ -163,6 +169,16 @@ def test_build_prior_features_errors(vocab):
         build_prior_features(vocab, sources=("GO",))
     with pytest.raises(PriorError, match="unknown prior sources"):
         build_prior_features(vocab, sources=())
+
+
+def test_prior_features_follow_the_genes_not_the_medians(vocab, features):
+    "A rank-value model's version names its medians too: features of the same genes fit it, of other genes do not."
+    with_medians = vocab.with_medians(np.ones(len(vocab.genes)))
+    assert build_prior_features(with_medians, sources=("chromosome",)).vocab_version == vocab.version
+    assert small_model(with_medians).config.vocab_version == with_medians.version != vocab.version
+    add_prior(small_model(with_medians), features)
+    with pytest.raises(PriorError, match="genes of vocabulary"):
+        add_prior(small_model(Vocab(vocab.genes[::-1])), features)
 
 
 def test_features_save_load_roundtrip(features, tmp_path):
@@ -270,7 +286,7 @@ def test_load_plain_and_corrupt_prior_folders(vocab, features, tmp_path):
     model = add_prior(small_model(vocab), features)
     model.save_pretrained(tmp_path / "p")
     header = (tmp_path / "p" / "prior.json").read_text().replace('"KEGG": 4', '"KEGG": 5')
-    (tmp_path / "p" / "prior.json").write_text(header)
+    write_by_hand(tmp_path / "p" / "prior.json", header)
     with pytest.raises(ModelError, match="config.json and prior.json: save them together with save_pretrained"):
         SCFModel.from_pretrained(tmp_path / "p")
 
@@ -312,7 +328,7 @@ def test_from_pretrained_imports_the_prior_module_on_demand(vocab, features, tmp
 def test_bad_prior_json_names_the_fix(vocab, features, tmp_path, change, error, words):
     add_prior(small_model(vocab), features).save_pretrained(tmp_path)
     path = tmp_path / "prior.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    write_by_hand(path, json.dumps({**json.loads(path.read_text()), **change}))
     with pytest.raises(error, match=words) as raised:
         SCFModel.from_pretrained(tmp_path)
     assert "save_pretrained" in str(raised.value)
@@ -363,13 +379,13 @@ def test_pretrained_folder_with_a_bad_prior_json(vocab, features, corpus, tmp_pa
     pretrained_prior_model(vocab, features, corpus, tmp_path / "run")
     path = tmp_path / "run" / "final" / "prior.json"
     header = json.loads(path.read_text())
-    path.write_text(json.dumps({**header, "dims": {**header["dims"], "KEGG": 7}}))
+    write_by_hand(path, json.dumps({**header, "dims": {**header["dims"], "KEGG": 7}}))
     with pytest.raises(ModelError, match=r"shape mismatch for embedding\.gene\.prior_KEGG.*config\.json and prior\.json"):
         SCFModel.from_pretrained(tmp_path / "run" / "final")
-    path.write_text(json.dumps(header)[:40])
+    write_by_hand(path, json.dumps(header)[:40])
     with pytest.raises(ModelError, match="not valid JSON.*save_pretrained"):
         SCFModel.from_pretrained(tmp_path / "run" / "final")
-    path.write_text(json.dumps({**header, "vocab_version": "0000000000000000"}))
+    write_by_hand(path, json.dumps({**header, "vocab_version": "0000000000000000"}))
     with pytest.raises(PriorError, match="different models.*model.save_pretrained"):
         SCFModel.from_pretrained(tmp_path / "run" / "final")
 

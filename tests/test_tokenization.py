@@ -1,6 +1,7 @@
 """The tokenization chapter's API: each vectorised tokenizer against a plain per-cell reference
 (generated and real data, ties included), Dataset/collate, streaming, medians and bad input."""
 import json
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -12,8 +13,8 @@ import torch
 from scfoundation.data import DataError, load_pbmc68k
 from scfoundation.data import log_normalise_values as log_normalise
 from scfoundation.genes import CLS_ID, PAD_ID, Vocab
-from scfoundation.tokenization import (TOKENIZERS, BinningTokenizer, CellDataset, ContinuousTokenizer, RankValueTokenizer,
-                                       collate, column_token_ids, compute_gene_medians, count_bins, hash_uint32,
+from scfoundation.tokenization import (MIN_COUNTS_IN_VOCAB, TOKENIZERS, BinningTokenizer, CellDataset, ContinuousTokenizer,
+                                       RankValueTokenizer, check_vocab_overlap, collate, column_token_ids, compute_gene_medians, count_bins, hash_uint32,
                                        iter_tokenized, quantile_bins, segment_sort, tokenizer_for, tokenizer_from_dict)
 
 
@@ -299,7 +300,7 @@ def test_tokenizer_for_computes_medians_only_when_needed():
     rank = tokenizer_for("rank", vocab, max_length=33, gene_medians=medians)
     assert isinstance(rank, RankValueTokenizer) and rank.max_length == 33 and calls == [1]
     np.testing.assert_array_equal(rank.vocab.medians, compute_gene_medians(adata, vocab))
-    assert vocab.medians is None and rank.vocab.version == vocab.version              # the caller's vocabulary is kept
+    assert vocab.medians is None and rank.vocab.gene_version == vocab.version         # the caller's vocabulary is kept
     again = tokenizer_for("rank", rank.vocab, max_length=33, gene_medians=medians)
     assert calls == [1] and again.vocab is rank.vocab                                  # it has medians: not recomputed
     bins = tokenizer_for("bins", vocab, max_length=20, n_bins=7, gene_medians=medians)
@@ -443,3 +444,98 @@ def test_tokenizing_never_reorders_the_callers_matrix():
     from scfoundation.tokenization import column_token_ids, map_columns
     map_columns(X, column_token_ids(vocab, names), len(vocab))  # the building block, on the caller's own matrix
     np.testing.assert_array_equal(X.toarray(), dense_before)
+
+
+# ---------------------------------------------------------------- medians in the version (issue 18, case 7)
+def rank_model(adata, vocab):
+    "A tiny rank-value model with its tokenizer, its config completed as pretrain leaves it."
+    from scfoundation.model import ModelConfig, SCFModel
+    tokenizer = RankValueTokenizer(vocab.with_medians(compute_gene_medians(adata, vocab)), max_length=32)
+    config = ModelConfig(vocab_size=len(vocab), input_kind="rank", d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=32,
+                         vocab_version=tokenizer.vocab.version, tokenizer=tokenizer.to_dict())
+    torch.manual_seed(0)
+    model = SCFModel(config).eval()
+    model.tokenizer = tokenizer
+    return model
+
+
+def test_a_saved_model_refuses_its_vocab_json_with_other_medians(tmp_path):
+    "Other medians give other rank-value tokens: refused with the old version field, and with a recomputed one."
+    from scfoundation.model import SCFModel
+    adata, vocab = generated(seed=11)
+    model = rank_model(adata, vocab)
+    model.save_pretrained(tmp_path)
+    assert SCFModel.from_pretrained(tmp_path).tokenizer.vocab == model.tokenizer.vocab
+    other = vocab.with_medians(compute_gene_medians(generated(seed=99)[0], vocab))   # medians of other cells
+    assert other.gene_version == model.tokenizer.vocab.gene_version and other.version != model.tokenizer.vocab.version
+    assert not np.array_equal(RankValueTokenizer(other, 32).tokenize_adata(adata).input_ids,
+                              model.tokenizer.tokenize_adata(adata).input_ids)        # the tokens do change
+    (tmp_path / "checksums.json").unlink(missing_ok=True)   # edited by hand, no checksums (or rewritten): the versions must tell
+    saved = json.loads((tmp_path / "vocab.json").read_text())
+    edited = json.loads(other.save(tmp_path / "other.json").read_text())["medians"]
+    (tmp_path / "vocab.json").write_text(json.dumps({**saved, "medians": edited}))     # the old "version" kept
+    with pytest.raises(DataError, match="tokens or medians do not match the recorded version"):
+        SCFModel.from_pretrained(tmp_path)
+    other.save(tmp_path / "vocab.json")                                                # the version recomputed
+    with pytest.raises(ValueError, match="version"):
+        SCFModel.from_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="version"):
+        SCFModel.from_pretrained(tmp_path, vocab=other)                                # vocab= with other medians
+
+
+def test_tokenizer_config_records_the_medians():
+    adata, vocab = generated(seed=12)
+    rank = RankValueTokenizer(vocab.with_medians(compute_gene_medians(adata, vocab)), 40)
+    other = vocab.with_medians(np.ones(len(vocab.genes)))
+    assert tokenizer_from_dict(rank.to_dict(), rank.vocab).to_dict() == rank.to_dict()
+    with pytest.raises(DataError, match="other medians"):
+        tokenizer_from_dict(rank.to_dict(), other)
+
+
+# ---------------------------------------------------------------- the data's genes against the vocabulary (case 8)
+def test_tokenizing_warns_when_the_vocabulary_misses_most_counts(tmp_path):
+    "A vocabulary holding 2 of 300 genes: tokenize_adata, CellDataset (the embedding path) and iter_tokenized each warn once."
+    adata, _ = generated(seed=13)
+    sliver = Vocab.from_genes(["G0", "G1"])                                  # G0: in every cell
+    share = float(adata.X[:, :2].sum() / adata.X.sum())
+    path = tmp_path / "cells.h5ad"; adata.write_h5ad(path)
+    makers = [lambda: BinningTokenizer(sliver, 16).tokenize_adata(adata), lambda: CellDataset(adata, BinningTokenizer(sliver, 16)),
+              lambda: CellDataset(path, BinningTokenizer(sliver, 16)), lambda: list(iter_tokenized(path, BinningTokenizer(sliver, 16)))]
+    for make in makers:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make()
+        messages = [str(warning.message) for warning in caught if issubclass(warning.category, UserWarning)]
+        assert len(messages) == 1 and "\n" not in messages[0], messages
+        assert f"only {share:.1%} of the counts (2 of 300 genes)" in messages[0] and "map_genes" in messages[0]
+    assert share < MIN_COUNTS_IN_VOCAB
+
+
+def test_embedding_with_a_foreign_vocabulary_warns():
+    "evaluate.embed_adata of data whose genes the model's vocabulary barely knows: the warning reaches the caller."
+    from scfoundation.evaluate import embed_adata
+    from scfoundation.model import ModelConfig, SCFModel
+    adata, _ = generated(seed=14)
+    vocab = Vocab.from_genes(["G0", "G1", "G2"])
+    model = SCFModel(ModelConfig(vocab_size=len(vocab), input_kind="bins", n_bins=11, d_model=16, n_layers=1, n_heads=2,
+                                 d_ff=32, max_len=16, vocab_version=vocab.version))
+    model.tokenizer = BinningTokenizer(vocab, 16, n_bins=11)
+    with pytest.warns(UserWarning, match=r"of the counts \(3 of 300 genes\) fall in genes of the vocabulary"):
+        embed_adata(adata, model, progress=False)
+
+
+def test_no_overlap_warning_in_the_normal_flows(pbmc):
+    "pbmc68k with its own vocabulary, the simulator's cells with theirs, a vocabulary missing a few genes: silent."
+    from scfoundation.genes import map_genes
+    from scfoundation.simulate import simulate
+    adata, vocab = pbmc
+    simulated = simulate(n_cells=60, n_genes=120, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CellDataset(adata, RankValueTokenizer(vocab, 64))
+        mapped = map_genes(adata)
+        CellDataset(mapped, BinningTokenizer(Vocab.from_adata(mapped), 64))
+        BinningTokenizer(Vocab.from_adata(simulated), 64).tokenize_adata(simulated)
+        generated_adata, generated_vocab = generated(seed=15)                   # 5 of 300 genes unknown
+        assert check_vocab_overlap(generated_adata, column_token_ids(generated_vocab, generated_adata.var_names)) > 0.95

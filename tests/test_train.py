@@ -103,7 +103,9 @@ def test_train_config_json_and_errors():
     config = TrainConfig(steps=7, precision="bf16", grad_accum=2, batch_size=6)
     assert TrainConfig.from_json(config.to_json()) == config
     for bad, words in [(dict(batch_size=5, grad_accum=2), "multiple of grad_accum"), (dict(mask_prob=1.5), "mask_prob"),
-                       (dict(precision="fp16"), "precision"), (dict(device="tpu"), "device"), (dict(steps=0), "steps")]:
+                       (dict(precision="fp16"), "precision"), (dict(device="tpu"), "device"), (dict(steps=0), "steps"),
+                       (dict(batch_size=0), "batch_size=0"), (dict(lr=-1), "lr=-1 must be > 0"), (dict(lr=float("nan")), "lr=nan"),
+                       (dict(save_every=-1), "save_every"), (dict(keep_last=-2), "keep_last"), (dict(clip_norm=-1), "clip_norm")]:
         with pytest.raises(ValueError, match=words): TrainConfig(**bad)
     with pytest.raises(ValueError, match=r"TrainConfig has unknown keys \['stepz'\]: no fields"): TrainConfig.from_dict({"stepz": 3})
 
@@ -148,9 +150,9 @@ def test_pretrain_returns_the_model_with_history_and_tokenizer(trained, adata):
     assert model.config.vocab_size == N_GENES + 3 and model.tokenizer.vocab.medians is not None   # medians computed for rank
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4", "final"]
     assert sorted(p.name for p in (out / "checkpoint-4").iterdir()) == [
-        "config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json", "vocab.json"]
+        "checksums.json", "config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json", "vocab.json"]
     assert sorted(p.name for p in (out / "final").iterdir()) == [
-        "config.json", "history.json", "model.safetensors", "train_config.json", "vocab.json"]
+        "checksums.json", "config.json", "history.json", "model.safetensors", "train_config.json", "vocab.json"]
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["step"] == 4 and [row["loss"] for row in state["history"]] == history.loss.tolist()
     loaded = SCFModel.from_pretrained(out / "final")
@@ -412,17 +414,37 @@ def test_fsdp_on_two_processes_trains_in_memory_cells_and_saves_a_loadable_model
 
 # --- bad input ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda out: (out / "checkpoint-4" / "model.safetensors").write_bytes((out / "checkpoint-4" / "model.safetensors").read_bytes()[:500]), "corrupt or truncated"),
-    (lambda out: (out / "checkpoint-4" / "optimizer.safetensors").write_bytes(b"garbage"), "corrupt or truncated"),
-    (lambda out: (out / "checkpoint-4" / "trainer_state.json").write_text('{"step": 4, "hi'), "cannot be read as JSON"),
-    (lambda out: (out / "checkpoint-4" / "trainer_state.json").write_text('{"step": 4}'), "not a trainer state"),
-])
-def test_damaged_checkpoint_is_refused_and_nothing_is_overwritten(run_copy, adata, damage, words):
-    damage(run_copy)
+def flip_a_byte(path, offset=-8):
+    "One bit of one number changed, as a bad copy or a failing disk does: the safetensors header still reads."
+    damaged = bytearray(path.read_bytes()); damaged[offset] ^= 0x40; path.write_bytes(bytes(damaged))
+
+
+DAMAGES = {
+    "flipped weight": lambda folder: flip_a_byte(folder / "model.safetensors"),
+    "truncated weights": lambda folder: (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:500]),
+    "garbage optimizer": lambda folder: (folder / "optimizer.safetensors").write_bytes(b"garbage"),
+    "cut trainer state": lambda folder: (folder / "trainer_state.json").write_text('{"step": 4, "hi'),
+    "foreign trainer state": lambda folder: (folder / "trainer_state.json").write_text('{"step": 4}'),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_newest_checkpoint_is_skipped_never_trained_from(trained, adata, tmp_path, damage):
+    "Issue 18, case 4: resume from a damaged checkpoint trained to NaN and replaced final/; now it resumes from the one before."
+    run = tmp_path / "run"
+    pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), run, progress=False, stop_after=3)   # checkpoint-2, checkpoint-3
+    DAMAGES[damage](run / "checkpoint-3")
+    with pytest.warns(UserWarning, match="skipped the damaged checkpoint-3 .*resuming from checkpoint-2"):
+        resumed = pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), run, progress=False)
+    assert resumed.history.loss.tolist() == trained[1].history.loss.tolist() and same_weights(resumed, trained[1])
+    assert SCFModel.from_pretrained(run / "final") is not None
+
+
+def test_every_checkpoint_damaged_is_refused_and_nothing_changes(run_copy, adata):
+    for name in ("checkpoint-2", "checkpoint-4"): flip_a_byte(run_copy / name / "model.safetensors")
     before = files_snapshot(run_copy)
-    with pytest.raises(CheckpointError, match=words):
-        pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**QUICK, "steps": 6}), run_copy, progress=False)
+    with pytest.raises(CheckpointError, match="no checkpoint in .* can be used.*do not match checksums.json"):
+        pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), run_copy, progress=False)
     assert files_snapshot(run_copy) == before
 
 
@@ -438,20 +460,33 @@ def test_mismatched_run_is_refused_and_nothing_is_overwritten(run_copy, adata, g
         pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**QUICK, "lr": 1e-3}), run_copy, progress=False)
     with pytest.raises(CheckpointError, match="resume=True"):
         pretrain(adata, ModelConfig(**TINY), extend, run_copy, resume=False, progress=False)
-    with pytest.raises(CheckpointError, match="trained on 48 cells"):
+    with pytest.raises(CheckpointError, match="different model or vocabulary .*vocab_version"):   # other cells: other medians
         pretrain(adata[:40].copy(), ModelConfig(**TINY), extend, run_copy, progress=False)
+    its_tokenizer = SCFModel.from_pretrained(run_copy / "final").tokenizer
+    with pytest.raises(CheckpointError, match="trained on 48 cells"):
+        pretrain(adata[:40].copy(), ModelConfig(**TINY), extend, run_copy, tokenizer=its_tokenizer, progress=False)
     assert files_snapshot(run_copy) == before
 
 
-def test_extending_a_finished_run(run_copy, adata):
-    longer = pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**QUICK, "steps": 6}), run_copy, progress=False)
+def test_another_steps_is_part_of_the_schedule_extend_says_so(run_copy, adata):
+    "Issue 18, case 9: a changed steps made the schedule jump silently; now it needs extend=True, which warns."
+    before = files_snapshot(run_copy)
+    with pytest.raises(CheckpointError, match=r"run of steps=4; steps=6 changes its learning-rate schedule.*extend=True"):
+        pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**QUICK, "steps": 6}), run_copy, progress=False)
+    assert files_snapshot(run_copy) == before
+    with pytest.warns(UserWarning, match="extending the run .* from steps=4 to steps=6"):
+        longer = pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**QUICK, "steps": 6}), run_copy, progress=False, extend=True)
     assert longer.history.step.tolist() == [1, 2, 3, 4, 5, 6] and (run_copy / "checkpoint-6").is_dir()
+    assert json.loads((run_copy / "final" / "train_config.json").read_text())["steps"] == 6
 
 
 def test_the_final_folder_checks_its_vocabulary(run_copy, genes, adata):
     model = SCFModel.from_pretrained(run_copy / "final")
     assert model.tokenizer.vocab.version == model.config.vocab_version and model.tokenizer.name == "rank"
     Vocab.from_genes(genes[:30]).save(run_copy / "final" / "vocab.json")
+    with pytest.raises(ModelError, match="vocab.json in .* do not match checksums.json"):
+        SCFModel.from_pretrained(run_copy / "final")
+    (run_copy / "final" / "checksums.json").unlink()                 # a folder without checksums still checks the version
     with pytest.raises(ModelError, match="vocab.json has version .* the model was trained with"):
         SCFModel.from_pretrained(run_copy / "final")
     (run_copy / "final" / "vocab.json").unlink()
@@ -490,3 +525,118 @@ def test_a_model_with_its_own_tokenizer_refuses_another_vocabulary(trained, adat
         pretrain(adata, model, TrainConfig(**QUICK), tmp_path / "other", vocab=other, progress=False)
     assert not (tmp_path / "other").exists()
     assert not model.training and not trained[1].training               # pretrain returns models ready for inference
+
+
+# --- issue 18: a run folder that protects the user's work ---------------------------------------------
+
+LOCK_HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from scfoundation.train import run_lock
+    with run_lock(Path(sys.argv[1])):
+        print("locked", flush=True); time.sleep(120)
+""")
+
+
+def test_two_runs_into_one_folder_the_second_is_refused_naming_the_holder(adata, tmp_path):
+    "Issue 18, case 3: two pretrain runs into one folder both 'succeeded', one replacing the other."
+    (tmp_path / "holder.py").write_text(LOCK_HOLDER)
+    holder = subprocess.Popen([sys.executable, str(tmp_path / "holder.py"), str(tmp_path / "run")], env=SUBPROCESS_ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked", holder.stderr.read()
+        with pytest.raises(CheckpointError, match=f"in use by another run \\(pid {holder.pid} on "):
+            pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), tmp_path / "run", progress=False)
+        assert not any((tmp_path / "run").glob("checkpoint-*"))
+    finally:
+        holder.kill(); holder.wait()
+    model = pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), tmp_path / "run", progress=False)  # a killed holder lets go
+    assert len(model.history) == 4 and sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint-2", "checkpoint-4", "final"]
+
+
+def test_a_run_replaces_or_prunes_only_what_it_wrote(run_copy, adata, tmp_path, monkeypatch):
+    "Issue 18, case 2: the user's final/notes.txt, an incomplete checkpoint-1/ and another tool's checkpoint-N/ were deleted."
+    (run_copy / "final" / "notes.txt").write_text("my notes")
+    before = files_snapshot(run_copy)
+    with pytest.raises(CheckpointError, match=r"final holds what scfoundation did not write \(notes.txt\)"):
+        pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**QUICK, "steps": 6}), run_copy, progress=False, extend=True)
+    assert files_snapshot(run_copy) == before
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoint-1").mkdir(parents=True); (fresh / "checkpoint-1" / "config.json").write_text("{}")  # a copy under way
+    (fresh / "checkpoint-900").mkdir(); (fresh / "checkpoint-900" / "weights.bin").write_bytes(b"another tool")
+    pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**QUICK, "keep_last": 1}), fresh, progress=False)
+    assert sorted(p.name for p in fresh.iterdir()) == ["checkpoint-1", "checkpoint-4", "checkpoint-900", "final"]
+    assert (fresh / "checkpoint-900" / "weights.bin").read_bytes() == b"another tool"
+    clash = tmp_path / "clash"; (clash / "checkpoint-2").mkdir(parents=True)
+    no_training(monkeypatch)                                            # refused before the first step
+    with pytest.raises(CheckpointError, match="checkpoint-2 holds what scfoundation did not write"):
+        pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), clash, progress=False)
+    with pytest.raises(CheckpointError, match="holds a finished model, but no checkpoint"):
+        shutil.rmtree(run_copy / "checkpoint-2"); shutil.rmtree(run_copy / "checkpoint-4")
+        pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), run_copy, progress=False)
+
+
+def dead_pid():
+    process = subprocess.Popen(["true"]); process.wait()
+    return process.pid
+
+
+def test_what_killed_writers_left_is_recovered_or_removed(run_copy, trained, adata, monkeypatch):
+    "A kill between the two renames of a folder replace left final/ aside; temp folders of killed runs stayed forever."
+    pid = dead_pid()
+    os.replace(run_copy / "final", run_copy / f".final.old.{pid}.tmp")
+    (run_copy / f".checkpoint-6.{pid}.tmp").mkdir(); (run_copy / f".checkpoint-6.{pid}.tmp" / "model.safetensors").write_bytes(b"half")
+    (run_copy / ".scf-run.lock").write_text(f"pid {pid} on a host, since long ago")   # the lock file of a killed run: no lock
+    no_training(monkeypatch)
+    with pytest.warns(UserWarning, match="finished run"):
+        pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), run_copy, progress=False)
+    assert sorted(p.name for p in run_copy.iterdir()) == ["checkpoint-2", "checkpoint-4", "final"]
+    assert same_weights(SCFModel.from_pretrained(run_copy / "final"), trained[1])
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_state(adata, tmp_path, monkeypatch):
+    "Issue 18, case 6: lr=1e9 saved a NaN model as final/ with exit 0."
+    with pytest.raises(train_module.TrainingError, match=r"at step \d+: training diverged. Likely cause: lr=1e\+09 is too high"):
+        pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**QUICK, "lr": 1e9}), tmp_path / "huge", progress=False)
+    assert not (tmp_path / "huge" / "final").exists() and not any((tmp_path / "huge").glob("checkpoint-*"))
+    run = tmp_path / "run"
+    pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), run, progress=False, stop_after=2)
+    before = files_snapshot(run)
+    real_step = train_module.train_step
+    def nan_at_step_three(*args, **kwargs):
+        row = real_step(*args, **kwargs)
+        return {**row, "loss": float("nan")} if row["step"] == 3 else row
+    monkeypatch.setattr(train_module, "train_step", nan_at_step_three)
+    with pytest.raises(train_module.TrainingError, match="loss is nan .* at step 3.*checkpoint-2 and final/ are as they were"):
+        pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), run, progress=False)
+    assert files_snapshot(run) == before
+
+
+def test_resume_refuses_other_cells_of_the_same_size(run_copy, genes):
+    "Issue 18, case 9: resume accepted other data with the same number of cells."
+    other = make_counts(genes, seed=1)
+    before = files_snapshot(run_copy)
+    with pytest.raises(CheckpointError, match="different model or vocabulary"):      # their medians differ
+        pretrain(other, ModelConfig(**TINY), TrainConfig(**QUICK), run_copy, progress=False)
+    its_tokenizer = SCFModel.from_pretrained(run_copy / "final").tokenizer          # the same tokens: the counts still differ
+    with pytest.raises(CheckpointError, match="trained on other data of the same size"):
+        pretrain(other, ModelConfig(**TINY), TrainConfig(**QUICK), run_copy, tokenizer=its_tokenizer, progress=False)
+    assert files_snapshot(run_copy) == before
+
+
+def test_flipped_bytes_in_a_saved_model_are_refused(run_copy, adata, tmp_path):
+    "Issue 18, case 5: flipped bytes in model.safetensors loaded silently (embeddings off by up to 11, or NaN)."
+    flip_a_byte(run_copy / "final" / "model.safetensors")
+    with pytest.raises(ModelError, match="model.safetensors in .* do not match checksums.json"):
+        SCFModel.from_pretrained(run_copy / "final")
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    from scfoundation.cli import main
+    assert main(["embed", str(run_copy), str(tmp_path / "cells.h5ad"), str(tmp_path / "embedded.h5ad")]) == 2
+    assert not (tmp_path / "embedded.h5ad").exists()
+
+
+def test_written_files_have_the_usual_modes(trained):
+    "Weights and config were written 0600 (tempfile.mkstemp) while the rest was 0644: a shared folder could not read its model."
+    modes = {oct(p.stat().st_mode & 0o777) for p in trained[0].rglob("*") if p.is_file()}
+    umask = os.umask(0); os.umask(umask)
+    assert modes == {oct(0o666 & ~umask)}

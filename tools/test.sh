@@ -9,6 +9,9 @@ export MPLBACKEND=Agg PYTHONHASHSEED=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export NUMBA_THREADING_LAYER=${NUMBA_THREADING_LAYER:-workqueue}
 # in CI the docs' browser test must run (setup.sh installed chromium), not skip
 if [ "${CI:-}" = "true" ]; then export SCF_REQUIRE_BROWSER=1; fi
+# nbdev 2.4.14 runs only with fastcore 1.8 (constraints.txt): stop at once, naming the fix, when a
+# later pip install moved fastcore, nbdev or execnb off their pins
+python tools/check_env.py
 SECONDS=0
 echo "== 1. notebooks and package in sync (nbdev_export changes nothing)"
 nbdev_export
