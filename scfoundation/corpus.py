@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 import shutil
 import time
 from collections import OrderedDict
@@ -20,7 +19,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .data import DataError, open_h5, read_chunks, sha256_file, short_list, var_names_of
+from .data import (DataError, open_h5, publish, read_chunks, remove_stale_temps, sha256_file, short_list, temp_path,
+                               var_names_of, write_atomically)
 from .genes import Vocab, match_gene_ids
 from .tokenization import check_counts, collate, tokenizer_for
 
@@ -81,7 +81,7 @@ def write_shard(directory,        # the shard folder to create, e.g. out_dir / "
                ) -> dict:
     "Write one shard as `.npy` arrays into a temporary folder, then rename it: a shard is whole or absent."
     directory = Path(directory)
-    temp = directory.parent / f".tmp-{directory.name}-{os.getpid()}"
+    temp = temp_path(directory)
     shutil.rmtree(temp, ignore_errors=True); temp.mkdir(parents=True)
     arrays = {"indptr": matrix.indptr.astype(np.int64), "indices": matrix.indices.astype(np.int32),
               "counts": matrix.data.astype(_counts_dtype(matrix.data.max(initial=0))),
@@ -95,7 +95,7 @@ def write_shard(directory,        # the shard folder to create, e.g. out_dir / "
               "counts_dtype": arrays["counts"].dtype.name, "files": files}
     (temp / "shard.json").write_text(json.dumps(record, indent=1))
     if directory.exists(): shutil.rmtree(directory)
-    os.replace(temp, directory)
+    publish(temp, directory)
     return record
 
 # %% ../nbs/14_corpus.ipynb #1f61dffc
@@ -192,8 +192,12 @@ def _check_vocab_of(out_dir: Path, vocab: Vocab, resume: bool):
 
 
 def _write_json_atomically(path: Path, content: dict):
-    temp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    temp.write_text(json.dumps(content, indent=1)); os.replace(temp, path)
+    write_atomically(path, lambda temp: Path(temp).write_text(json.dumps(content, indent=1)))
+
+
+def _save_array(path, array: np.ndarray):
+    "`np.save` to exactly `path` (given a name, np.save would add `.npy`)."
+    with open(path, "wb") as handle: np.save(handle, array)
 
 
 def _write_manifest(out_dir: Path, manifest: dict):
@@ -242,6 +246,7 @@ def build_corpus(inputs,                  # `.h5ad` files, or folders of them (r
     began, files, out_dir = time.perf_counter(), expand_inputs(inputs), Path(out_dir)
     for path in files: _h5ad_cells(path)                       # fail early, before any work
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)                     # what killed builds left behind
     _check_vocab_of(out_dir, vocab, resume)
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else _InProcess() as pool:
@@ -375,8 +380,8 @@ class Corpus:
         "Per-token medians for rank-value tokens, computed once and cached in the corpus folder as `gene_medians.npy`."
         cache = self.path / "gene_medians.npy"
         if rank == 0 and not cache.is_file():
-            temp = cache.with_name(f".tmp-{os.getpid()}-gene_medians.npy")
-            np.save(temp, corpus_gene_medians(self, max_cells)); os.replace(temp, cache)
+            medians = corpus_gene_medians(self, max_cells)
+            write_atomically(cache, lambda temp: _save_array(temp, medians))
         if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.barrier()
         return np.load(cache, allow_pickle=False)
 

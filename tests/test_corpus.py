@@ -110,10 +110,12 @@ def test_resume_rebuilds_only_what_is_missing_or_changed(sources, tmp_path):
     first = build_corpus(folder, out, vocab, shard_size=64, workers=1, progress=False)
     assert first["build"]["shards_built"] == 5
     shutil.rmtree(out / first["shards"][1]["name"])                       # crashed before the rename
-    (out / ".tmp-shard-00000-00001-999").mkdir()                          # a half-written temp folder
+    killed = subprocess.Popen(["true"]); killed.wait()
+    (out / f".shard-00000-00001.{killed.pid}.tmp").mkdir()                # a half-written temp folder of a killed build
     (out / first["shards"][3]["name"] / "indices.npy").write_bytes(b"x")  # corrupted
     again = build_corpus(folder, out, vocab, shard_size=64, workers=1, progress=False)
     assert (again["build"]["shards_built"], again["build"]["shards_reused"]) == (2, 3)
+    assert not (out / f".shard-00000-00001.{killed.pid}.tmp").exists()    # removed, not left forever
     assert [shard["files"] for shard in again["shards"]] == [shard["files"] for shard in first["shards"]]
     write_counts(folder / "b.h5ad", list(ad.read_h5ad(folder / "b.h5ad").var_names), 110, seed=9)  # a source changes
     changed = build_corpus(folder, out, vocab, shard_size=64, workers=1, progress=False)
