@@ -591,7 +591,7 @@ def check_finite(row: dict,                # a history row of `train_step` (the 
     what = (f"the loss is {row['loss']} (gradient norm {row['grad_norm']})" if weights_ok
             else f"the weights hold numbers that are not finite (loss {row['loss']:.3g}, gradient norm {row['grad_norm']:.3g})")
     latest = find_latest_checkpoint(out_dir)
-    kept = f"{latest.name} and final/ are as they were" if latest else "nothing of this run was saved"
+    kept = f"{latest.name} and final/ are as they were" if latest else "Nothing of this run was saved"
     cause = f"lr={train_config.lr:g} is too high (try one tenth)" + (", or bf16 overflowed (try precision='fp32')" if train_config.precision == "bf16" else "")
     raise TrainingError(f"{what} at step {row['step']}: training diverged. "
                         f"Likely cause: {cause}, or the counts hold extreme values. {kept}; rerun with a lower lr and a new out_dir.")
