@@ -33,19 +33,7 @@ import numpy as np
 import torch
 
 from scfoundation.model import ModelConfig, SCFModel, count_flops, mask_batch, random_batch, _stack_flops
-
-
-def matmul_peak(dtype: torch.dtype, sizes=(1024, 2048, 3072), repeats: int = 5) -> float:
-    "Best GFLOP/s of large square matrix products in `dtype` (the machine's practical matmul peak)."
-    best = 0.0
-    for size in sizes:
-        left, right = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-        torch.matmul(left, right)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.matmul(left, right)
-            best = max(best, 2 * size ** 3 / (time.perf_counter() - start) / 1e9)
-    return best
+from scfoundation.train import matmul_peak_flops
 
 
 def attention_seconds(config: ModelConfig, batches: list[dict], precision: str, repeats: int) -> float:
@@ -201,7 +189,7 @@ def main():
     torch.set_num_threads(args.threads)
     config = ModelConfig.named("geneformer-6l")
     sizes = (1024, 2048) if args.quick else (1024, 2048, 3072)
-    peaks = {"bf16": matmul_peak(torch.bfloat16, sizes), "fp32": matmul_peak(torch.float32, sizes)}
+    peaks = {precision: matmul_peak_flops("cpu", precision, sizes=sizes, repeats=5) / 1e9 for precision in ("bf16", "fp32")}  # GFLOP/s
     print(f"torch {torch.__version__}, {args.threads} threads; matmul peak: bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s")
     print(f"model: geneformer-6l ({SCFModel(config).num_parameters():,} parameters), 15% masking, fused AdamW, {args.repeats} repeats\n")
     header = (f"{'run':<14}{'prec':<6}{'ours tok/s':>11}{'peer tok/s':>11}{'x':>6}{'flop x':>7}{'ours cell/s':>12}{'peer cell/s':>12}{'x':>6}"

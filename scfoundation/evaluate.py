@@ -256,7 +256,7 @@ def iter_batches(adata: ad.AnnData,      # raw counts in X, genes named like the
                  cells: np.ndarray | None = None, # which cells, in this order (default: all)
                  batch_size: int = 64,   # cells per batch
                  device=None,            # move each batch there (default: leave it on the CPU; models move it themselves)
-                 progress: bool = False, # a tqdm bar over batches
+                 progress: bool = False, # a tqdm bar, in cells per second
                 ):
     "Yield `(cell indices, collated batch)` over the chosen cells, tokenized batch by batch: the one way to feed cells to a model."
     from tqdm.auto import tqdm
@@ -264,10 +264,12 @@ def iter_batches(adata: ad.AnnData,      # raw counts in X, genes named like the
         raise DataError("no tokenizer: pass a model trained by pretrain or loaded with SCFModel.from_pretrained, or tokenizer=.")
     dataset = CellDataset(adata, tokenizer)
     cells = np.arange(adata.n_obs) if cells is None else np.asarray(cells, np.int64)
-    for start in tqdm(range(0, len(cells), batch_size), disable=not progress, unit="batch"):
-        chosen = cells[start:start + batch_size]
-        batch = collate(dataset.__getitems__(chosen))
-        yield chosen, batch if device is None else {key: value.to(device) for key, value in batch.items()}
+    with tqdm(total=len(cells), disable=not progress, unit="cell", smoothing=0.1) as bar:
+        for start in range(0, len(cells), batch_size):
+            chosen = cells[start:start + batch_size]
+            batch = collate(dataset.__getitems__(chosen))
+            yield chosen, batch if device is None else {key: value.to(device) for key, value in batch.items()}
+            bar.update(len(chosen))                     # after the consumer's work: the rate is cells embedded per second
 
 
 def model_tokenizer(model: SCFModel, tokenizer=None):

@@ -30,21 +30,21 @@ from safetensors.torch import load_file, save_file
 from .data import (Config, DataError, publish, read_anndata, remove_stale_temps, sha256_file, temp_path,
                                write_atomically)
 from .genes import Vocab, versions_fit
-from .model import (CHECKSUMS_FILE, ModelConfig, ModelError, SCFModel, extension_files, extension_headers, mask_batch,
+from .model import (CHECKSUMS_FILE, ModelConfig, ModelError, SCFModel, count_flops, extension_files, extension_headers, mask_batch,
                                 verify_checksums, write_checksums)
 from .tokenization import CellDataset, collate, compute_gene_medians, tokenizer_for
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FILES', 'STATE_FORMAT', 'FINAL_FILES', 'EXACT_RESUME_FIELDS', 'FOLDER_SOURCES', 'RESULT_FREE_FIELDS',
-           'LOCK_FILE', 'CheckpointError', 'TrainingError', 'TrainConfig', 'learning_rate', 'micro_batch_indices',
-           'derived_seed', 'accumulate_gradients', 'make_optimizer', 'optimizer_step', 'optimizer_to_safetensors',
-           'optimizer_from_safetensors', 'write_directory_atomically', 'save_checkpoint', 'checkpoint_step',
-           'is_own_checkpoint', 'own_checkpoints', 'find_latest_checkpoint', 'check_replaceable', 'read_checkpoint',
-           'check_resumable', 'CellBatches', 'training_stream', 'build_model', 'resolve_device', 'setup_distributed',
-           'wrap_model', 'optimizer_parameter_names', 'rename_optimizer_state', 'full_copies', 'load_optimizer_state',
-           'default_cache_dir', 'code_version', 'cache_key', 'train_step', 'check_finite', 'weights_finite',
-           'resume_run', 'run_state', 'run_lock', 'recover_run_folder', 'save_steps', 'check_run_folder', 'save_final',
-           'save_run', 'pretrain']
+           'DECLARED_PEAK_TFLOPS', 'LOCK_FILE', 'CheckpointError', 'TrainingError', 'TrainConfig', 'learning_rate',
+           'micro_batch_indices', 'derived_seed', 'accumulate_gradients', 'make_optimizer', 'optimizer_step',
+           'optimizer_to_safetensors', 'optimizer_from_safetensors', 'write_directory_atomically', 'save_checkpoint',
+           'checkpoint_step', 'is_own_checkpoint', 'own_checkpoints', 'find_latest_checkpoint', 'check_replaceable',
+           'read_checkpoint', 'check_resumable', 'CellBatches', 'training_stream', 'build_model', 'resolve_device',
+           'setup_distributed', 'wrap_model', 'optimizer_parameter_names', 'rename_optimizer_state', 'full_copies',
+           'load_optimizer_state', 'default_cache_dir', 'code_version', 'cache_key', 'declared_peak_flops',
+           'matmul_peak_flops', 'train_step', 'check_finite', 'weights_finite', 'resume_run', 'run_state', 'run_lock',
+           'recover_run_folder', 'save_steps', 'check_run_folder', 'save_final', 'save_run', 'pretrain']
 
 # %% ../nbs/06_pretrain.ipynb #764f9c1f
 class CheckpointError(ValueError):
@@ -562,6 +562,44 @@ def cache_key(stream, model: SCFModel, train_config: TrainConfig) -> str:
     for tensor in model.state_dict().values(): digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
+# %% ../nbs/06_pretrain.ipynb #mfu00002
+DECLARED_PEAK_TFLOPS = {"H200": (67.0, 989.4), "H100": (67.0, 989.4), "A100": (19.5, 312.0)}  # dense (fp32, bf16) per GPU
+_PEAKS: dict = {}                                   # (device, precision) -> FLOP/s, measured once per process
+
+def declared_peak_flops(device_name: str, precision: str) -> float | None:
+    "The data-sheet peak (FLOP/s) of a known GPU in `precision`, or None."
+    for key, (fp32, bf16) in DECLARED_PEAK_TFLOPS.items():
+        if key in device_name.upper(): return 1e12 * (bf16 if precision == "bf16" else fp32)
+    return None
+
+def _matmul_probe(device: torch.device, dtype: torch.dtype, sizes, repeats: int) -> float:
+    "Best FLOP/s of square matrix products of these sizes."
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *args: None)
+    best = 0.0
+    for size in sizes:
+        left, right = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+        torch.matmul(left, right); sync(device)                          # warm up
+        for _ in range(repeats):
+            began = time.perf_counter(); torch.matmul(left, right); sync(device)
+            best = max(best, 2 * size ** 3 / (time.perf_counter() - began))
+    return best
+
+def matmul_peak_flops(device="cpu",            # the device the model trains on
+                      precision: str = "fp32", # "fp32" or "bf16"
+                      sizes=None,              # probe sizes (default: small enough to take well under a second)
+                      repeats: int = 3,
+                     ) -> float:
+    "The peak FLOP/s of matrix products on `device`: declared for known GPUs, else measured once per process."
+    device = torch.device(device)
+    key = (str(device), precision)
+    if key not in _PEAKS:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+        slow_bf16 = precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        sizes = sizes or ((256, 512) if slow_bf16 else (512, 1024) if device.type == "cpu" else (4096, 8192))
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        _PEAKS[key] = declared_peak_flops(name, precision) or _matmul_probe(device, dtype, sizes, repeats)
+    return _PEAKS[key]
+
 # %% ../nbs/06_pretrain.ipynb #3bd13403
 def train_step(trained: torch.nn.Module,  # the model, or its DDP / FSDP wrapper
                optimizer: torch.optim.Optimizer,
@@ -571,15 +609,20 @@ def train_step(trained: torch.nn.Module,  # the model, or its DDP / FSDP wrapper
                train_config: TrainConfig,
                device: torch.device, rank: int = 0, world_size: int = 1,
               ) -> dict:
-    "One optimizer step; returns its history row: step, loss, lr, grad_norm, masked genes, tokens/s."
+    "One optimizer step; returns its history row: step, loss, lr, grad_norm, masked genes, tokens/s, FLOPs and MFU."
     began = time.perf_counter()
     torch.manual_seed(derived_seed(train_config.seed, 1, step, rank))      # dropout: fixed by (seed, step, rank)
     masked = [mask_batch(next(batches), model_config, train_config.mask_prob, seed=derived_seed(train_config.seed, 0, step, micro))
               for micro in range(train_config.grad_accum)]
     loss, n_masked, n_tokens = accumulate_gradients(trained, masked, train_config, device, world_size)
     lr, grad_norm = optimizer_step(trained, optimizer, step, train_config)
+    seconds = time.perf_counter() - began
+    flops = torch.tensor(sum(count_flops(model_config, batch, training=True)["total"] for batch in masked), dtype=torch.float64)
+    if world_size > 1:                                                       # the work of every process
+        flops = flops.to(device); dist.all_reduce(flops)
+    mfu = float(flops) / (world_size * seconds * matmul_peak_flops(device, train_config.precision))
     return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "masked": n_masked,
-            "tokens_per_s": n_tokens / (time.perf_counter() - began)}
+            "tokens_per_s": n_tokens / seconds, "flops": float(flops), "mfu": mfu}
 
 def check_finite(row: dict,                # a history row of `train_step` (the same on every process)
                  train_config: TrainConfig,
@@ -791,7 +834,9 @@ def _train_steps(run: dict, stream, out_dir: Path, start: int, last: int, histor
     for step in bar:
         history.append(train_step(run["trained"], run["optimizer"], batches, step, run["model"].config, train_config, device, rank, world_size))
         check_finite(history[-1], train_config, out_dir)
-        if (step + 1) % train_config.log_every == 0: bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", tokens_per_s=f"{history[-1]['tokens_per_s']:,.0f}")
+        if (step + 1) % train_config.log_every == 0:
+            row = history[-1]
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tokens_per_s=f"{row['tokens_per_s']:,.0f}", mfu=f"{row['mfu']:.0%}")
         if step + 1 in saves:
             check_finite(history[-1], train_config, out_dir, weights_ok=weights_finite(run["trained"], device, world_size))
             save_run(out_dir, **run, state=run_state(step + 1, history, stream, world_size, fingerprint))

@@ -143,7 +143,7 @@ def test_pretrain_returns_the_model_with_history_and_tokenizer(trained, adata):
     out, model = trained
     assert isinstance(model, SCFModel)
     history = model.history
-    assert list(history.columns) == ["step", "loss", "lr", "grad_norm", "masked", "tokens_per_s"]
+    assert list(history.columns) == ["step", "loss", "lr", "grad_norm", "masked", "tokens_per_s", "flops", "mfu"]
     assert history.step.tolist() == [1, 2, 3, 4] and np.isfinite(history.loss).all()
     assert isinstance(model.tokenizer, RankValueTokenizer) and model.tokenizer.name == "rank"
     assert model.tokenizer.vocab.version == model.config.vocab_version and model.config.tokenizer == model.tokenizer.to_dict()
@@ -640,3 +640,40 @@ def test_written_files_have_the_usual_modes(trained):
     modes = {oct(p.stat().st_mode & 0o777) for p in trained[0].rglob("*") if p.is_file()}
     umask = os.umask(0); os.umask(umask)
     assert modes == {oct(0o666 & ~umask)}
+
+
+# --- issue 17: compute accounting ---------------------------------------------------------------------
+
+def test_history_counts_the_flops_each_step_needed_and_its_utilisation(trained, adata):
+    "Each row's FLOPs are count_flops of that step's masked batches (training: 3x forward); MFU is against the measured peak."
+    from scfoundation.model import count_flops
+    from scfoundation.train import derived_seed, matmul_peak_flops
+    _, model = trained
+    config = TrainConfig(**QUICK)
+    stream = training_stream(adata, model.config, config, tokenizer=model.tokenizer)
+    batches = stream.batches(0)
+    for step in range(2):
+        masked = [mask_batch(next(batches), model.config, config.mask_prob, seed=derived_seed(config.seed, 0, step, micro))
+                  for micro in range(config.grad_accum)]
+        expected = sum(count_flops(model.config, batch, training=True)["total"] for batch in masked)
+        assert model.history.flops[step] == pytest.approx(expected, rel=1e-12)
+    seconds = model.history.flops / (model.history.mfu * matmul_peak_flops("cpu", "fp32"))     # the step times behind the MFU
+    tokens = model.history.tokens_per_s * seconds                                              # the same steps' tokens
+    assert (model.history.mfu > 0).all() and model.history.mfu.median() < 1.5 and (tokens.round() >= model.history.masked).all()
+
+
+def test_the_peak_is_declared_for_known_gpus_and_measured_once_elsewhere(monkeypatch):
+    from scfoundation import train as module
+    assert module.declared_peak_flops("NVIDIA H200", "bf16") == 989.4e12 and module.declared_peak_flops("Tesla T4", "fp32") is None
+    monkeypatch.setattr(module, "_PEAKS", {})
+    calls = []
+    real_probe = module._matmul_probe
+    monkeypatch.setattr(module, "_matmul_probe", lambda *args: calls.append(args) or real_probe(*args))
+    first, second = module.matmul_peak_flops("cpu", "fp32"), module.matmul_peak_flops("cpu", "fp32")
+    assert first == second > 1e8 and len(calls) == 1
+
+
+def test_embedding_reports_cells_per_second(trained, adata, capsys):
+    _, model = trained
+    embed_cells(model, adata, progress=True)
+    assert "cell/s" in capsys.readouterr().err
