@@ -8,6 +8,13 @@ the default data (lengths = expressed genes per cell, batches grouped by length)
     python bench/train.py --quick          # a few repeats, length 512 only (minutes)
     python bench/train.py                  # the full table
     python bench/train.py --threads 2 --lengths 512 2048 --precisions bf16
+    python bench/train.py --only-scgpt     # ours against scGPT's TransformerModel at its whole-human shape
+
+The scGPT table needs `pip install --no-deps scgpt==0.2.4`: its model module is loaded without the rest
+of its package (which wants datasets, wandb …), and `torchtext`, which cannot load against torch 2.13,
+comes from the stand-in in bench/standins (only the names scgpt's imports use). scGPT runs as
+published: 12 layers of width 512, 8 heads, feed-forward 512, dropout 0.2, 51 value bins (category
+embedding), an MSE expression decoder on every token, `encode_batch` for cell embeddings.
 
 The peer runs at its best: SDPA attention with attention dropout 0 (the fused kernel), hidden
 dropout 0.02 as Geneformer; its inference is `model.bert` (hidden states, no vocabulary head).
@@ -17,7 +24,7 @@ token included, its hidden states then pooled. "flop x" is the peer's training F
 training ratio both models would show at equal efficiency.
 FLOPs are counted from the matrix products actually needed (see `scfoundation.model.count_flops`):
 our head only on masked tokens, the peer's head on every token (that is what it computes).
-Requires `transformers` (bench_requirements in settings.ini).
+Requires `transformers` (bench_requirements in settings.ini); the scGPT table also scgpt (above).
 """
 import sys
 from pathlib import Path
@@ -26,6 +33,7 @@ from pathlib import Path
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -142,6 +150,83 @@ def peer(config: ModelConfig, batches: list[dict], precision: str) -> dict:
     return dict(train=train_all, infer=infer_all, infer_extractor=infer_as_extractor, tokens=tokens, cells=cells, flops=flops)
 
 
+SCGPT_SHAPE = dict(vocab_size=60_697, input_kind="bins", n_bins=51, d_model=512, n_layers=12, n_heads=8, d_ff=512,
+                   max_len=1200, dropout=0.2)   # scGPT's whole-human model (args.json of its release)
+
+
+@functools.cache
+def import_scgpt_model():
+    "scgpt's TransformerModel without its package's other imports (datasets, wandb …); torchtext from a stand-in if needed."
+    import importlib.util, logging, types
+    try: import torchtext.vocab  # noqa: F401
+    except Exception: sys.path.insert(0, str(Path(__file__).resolve().parent / "standins"))    # torchtext cannot load on torch 2.13
+    spec = importlib.util.find_spec("scgpt")
+    if spec is None: raise SystemExit("--scgpt needs scgpt: pip install --no-deps scgpt==0.2.4")
+    package = types.ModuleType("scgpt"); package.__path__ = list(spec.submodule_search_locations)
+    package.logger = logging.getLogger("scGPT"); sys.modules.setdefault("scgpt", package)
+    from scgpt.model.model import TransformerModel
+    return TransformerModel
+
+
+def scgpt_peer(config: ModelConfig, batches: list[dict], precision: str) -> dict:
+    "scGPT's own TransformerModel at its whole-human shape: binned values (category embedding), MSE on masked genes, `encode_batch`."
+    TransformerModel = import_scgpt_model()
+    torch.manual_seed(0)
+    mask_bin, pad_bin = config.n_bins + 1, config.n_bins + 2          # its value embedding: bins 0..n_bins, then mask and padding
+    model = TransformerModel(config.vocab_size, config.d_model, config.n_heads, config.d_ff, config.n_layers, vocab={"<pad>": 0},
+                             dropout=config.dropout, pad_token="<pad>", pad_value=pad_bin, input_emb_style="category",
+                             n_input_bins=config.n_bins + 3, cell_emb_style="cls").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    steps, plain = [], []
+    for index, batch in enumerate(batches):
+        hidden = mask_batch(batch, config, seed=index)
+        padding = ~batch["attention_mask"]
+        values = batch["value_ids"].masked_fill(padding, pad_bin)
+        steps.append((batch["input_ids"], values.masked_fill(hidden["mask_positions"], mask_bin), padding, hidden["mask_positions"], values.float()))
+        plain.append((batch["input_ids"], values, padding))
+
+    def train_all():
+        for genes, values, padding, masked, target in steps:
+            with autocast(precision):
+                prediction = model(genes, values, padding)["mlm_output"]
+            torch.nn.functional.mse_loss(prediction.float()[masked], target[masked]).backward()
+            optimizer.step(); optimizer.zero_grad(set_to_none=True)
+
+    def infer_all():
+        model.eval()
+        with torch.inference_mode(), autocast(precision):
+            for genes, values, padding in plain: model.encode_batch(genes, values, padding, batch_size=len(genes), time_step=0)
+        model.train()
+
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    cells = sum(len(batch["input_ids"]) for batch in batches)
+    flops = 0.0
+    for batch in batches:   # the peer computes on padding too, and its expression decoder (d -> d -> 1) on every token
+        padded = torch.full((len(batch["input_ids"]),), batch["input_ids"].shape[1])
+        flops += 3 * (_stack_flops(padded, config.n_layers, config.d_model, config.d_ff) + padded.sum().item() * 2 * (config.d_model ** 2 + config.d_model))
+    return dict(train=train_all, infer=infer_all, tokens=tokens, cells=cells, flops=flops)
+
+
+def scgpt_table(args, peaks: dict):
+    "Ours against scGPT's TransformerModel at scGPT's whole-human shape: full length (1,200 tokens, 4 cells) and real lengths."
+    config = ModelConfig(**SCGPT_SHAPE)
+    print(f"\nscGPT whole-human shape ({SCFModel(config).num_parameters():,} parameters in ours), binned inputs, {args.repeats} repeats")
+    header = f"{'run':<14}{'prec':<6}{'ours tok/s':>11}{'scGPT tok/s':>12}{'x':>6}{'flop x':>7}{'ours cell/s':>12}{'scGPT cell/s':>13}{'x':>6}{'% peak':>8}"
+    print(header); print("-" * len(header))
+    runs = [("full L=1200", lambda: [random_batch(config, [config.max_len - 1] * 4, seed=0)])]
+    if not args.no_real: runs.append(("real lengths", lambda: real_length_batches(config, 4 * config.max_len, 32 if args.quick else 128)))
+    precisions = [precision for precision in args.precisions if precision == "fp32"]
+    if len(precisions) < len(args.precisions):   # torch's TransformerEncoderLayer inference fast path refuses bf16 autocast
+        print("(bf16 not measured for scGPT: its nn.TransformerEncoder inference path fails under bf16 autocast)")
+    for name, make in runs:
+        batches = make()
+        for precision in precisions:
+            mine, other = measure([ours(config, batches, precision), scgpt_peer(config, batches, precision)], args.repeats)
+            print(f"{name:<14}{precision:<6}{mine['train_tokens']:11.0f}{other['train_tokens']:12.0f}{mine['train_tokens'] / other['train_tokens']:6.1f}"
+                  f"{other['flops'] / mine['flops']:7.1f}{mine['infer_cells']:12.1f}{other['infer_cells']:13.1f}"
+                  f"{mine['infer_cells'] / other['infer_cells']:6.1f}{100 * mine['train_gflops'] / peaks[precision]:7.1f}%", flush=True)
+
+
 def measure(models: list[dict], repeats: int) -> list[dict]:
     "Training tokens/s, inference cells/s and training GFLOP/s of each model, their repeats interleaved."
     train_seconds = interleaved([model["train"] for model in models], repeats)
@@ -184,6 +269,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--no-real", action="store_true")
+    parser.add_argument("--scgpt", action="store_true", help="also: ours against scGPT's TransformerModel at its whole-human shape")
+    parser.add_argument("--only-scgpt", action="store_true", help="only the scGPT table")
     args = parser.parse_args()
     if args.quick: args.lengths, args.repeats, args.tokens_per_batch = [512], 2, args.tokens_per_batch // 2
     torch.set_num_threads(args.threads)
@@ -194,6 +281,7 @@ def main():
     print(f"model: geneformer-6l ({SCFModel(config).num_parameters():,} parameters), 15% masking, fused AdamW, {args.repeats} repeats\n")
     header = (f"{'run':<14}{'prec':<6}{'ours tok/s':>11}{'peer tok/s':>11}{'x':>6}{'flop x':>7}{'ours cell/s':>12}{'peer cell/s':>12}{'x':>6}"
               f"{'as EmbExtractor':>16}{'x':>6}{'ours GF/s':>10}{'% peak':>8}{'attn %':>8}{'max x':>7}")
+    if args.only_scgpt: return scgpt_table(args, peaks)
     print(header); print("-" * len(header))
     runs = [(f"full L={length}", lambda length=length: full_length_batches(config, length, args.tokens_per_batch, 1)) for length in args.lengths]
     if not args.no_real: runs.append(("real lengths", lambda: real_length_batches(config, args.tokens_per_batch, 64 if args.quick else 256)))
@@ -218,6 +306,7 @@ def main():
     print("scfoundation.model.count_flops) over this machine's matmul peak in that precision. attn %: share of our training")
     print("step spent in the fused SDPA kernel (forward + backward), which both models call; max x: the training ratio a model")
     print("doing nothing but that attention would reach against the peer (an upper bound on x at this length).")
+    if args.scgpt: scgpt_table(args, peaks)
 
 
 if __name__ == "__main__":
