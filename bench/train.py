@@ -214,7 +214,7 @@ def scgpt_table(args, peaks: dict):
     header = f"{'run':<14}{'prec':<6}{'ours tok/s':>11}{'scGPT tok/s':>12}{'x':>6}{'flop x':>7}{'ours cell/s':>12}{'scGPT cell/s':>13}{'x':>6}{'% peak':>8}"
     print(header); print("-" * len(header))
     runs = [("full L=1200", lambda: [random_batch(config, [config.max_len - 1] * 4, seed=0)])]
-    if not args.no_real: runs.append(("real lengths", lambda: real_length_batches(config, 4 * config.max_len, 32 if args.quick else 128)))
+    if not args.no_real: runs.append(("real lengths", lambda: real_length_batches(config, 4 * config.max_len, 16 if args.quick else 32)))
     precisions = [precision for precision in args.precisions if precision == "fp32"]
     if len(precisions) < len(args.precisions):   # torch's TransformerEncoderLayer inference fast path refuses bf16 autocast
         print("(bf16 not measured for scGPT: its nn.TransformerEncoder inference path fails under bf16 autocast)")
