@@ -27,7 +27,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .data import (Config, DataError, publish, read_anndata, remove_stale_temps, sha256_file, temp_path,
+from .data import (Config, DataError, check_output_folder, publish, read_anndata, remove_stale_temps, sha256_file, temp_path,
                                write_atomically)
 from .genes import Vocab, versions_fit
 from .model import (CHECKSUMS_FILE, ModelConfig, ModelError, SCFModel, count_flops, extension_files, extension_headers, mask_batch,
@@ -709,8 +709,7 @@ def _locked_handle(path: Path):
 @contextmanager
 def run_lock(out_dir: Path):
     "Hold `out_dir` for this run; a second run into it is refused, naming the holder. A killed run lets go at once (an OS lock)."
-    if out_dir.exists() and not out_dir.is_dir(): raise DataError(f"{out_dir} is a file: pass a folder for the run (out_dir).")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out_dir).mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_FILE
     handle = _locked_handle(path)
     if handle is None:
