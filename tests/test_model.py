@@ -294,6 +294,38 @@ def test_embed_shortcut_equals_the_full_forward(overrides):
     torch.testing.assert_close(model.embed(batch), full, atol=1e-5, rtol=1e-5)
 
 
+# ---------------------------------------------------------------- attention backends
+@pytest.mark.parametrize("overrides", [dict(kind="rank"), dict(kind="bins"), dict(kind="continuous"),
+                                       dict(kind="rank", asymmetric=True, decoder_d_model=32)])
+def test_jagged_attention_equals_padded_in_loss_gradients_and_embeddings(overrides):
+    "The jagged backend (nested tensors, no padding) computes exactly what the padded grid does, backward included."
+    torch.manual_seed(0)
+    config = small(**overrides)
+    batch = masked(config, lengths=(40, 3, 17, 1))
+    results = {}
+    for backend in ("padded", "jagged"):
+        torch.manual_seed(0)
+        model = SCFModel(config).eval()
+        model.attention = backend
+        model(batch)["loss"].backward()
+        results[backend] = (model(batch)["loss"].detach(), {name: p.grad for name, p in model.named_parameters()}, model.embed(batch))
+    (loss, grads, embedding), (jagged_loss, jagged_grads, jagged_embedding) = results["padded"], results["jagged"]
+    torch.testing.assert_close(jagged_loss, loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(jagged_embedding, embedding, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(jagged_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_attention_backend_is_checked_and_auto_is_padded_on_cpu():
+    model = SCFModel(small())
+    assert model.attention == "auto"
+    keep = torch.tensor([[True, True, True], [True, False, False]])
+    assert not TokenLayout.from_keep(keep, "auto").jagged and TokenLayout.from_keep(keep, "jagged").jagged
+    with pytest.raises(ModelError, match="use one of"): model.attention = "flash"
+    assert model.attention == "auto"
+    with pytest.raises(ValueError, match="use one of"): TokenLayout.from_keep(keep, "nested")
+
+
 def test_embed_shortcut_in_bf16():
     torch.manual_seed(0)
     config = small()
