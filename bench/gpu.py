@@ -144,7 +144,7 @@ def main():
     if device.type == "cuda" and not torch.cuda.is_available(): raise SystemExit("no CUDA device visible: pass --device cpu")
     warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    peak = matmul_peak_flops(device, args.precision)
+    peak = matmul_peak_flops(device, args.precision)   # on CPU: the same probe sizes as the trainer's MFU
     print(f"torch {torch.__version__} on {name}; {args.precision} matmul peak {peak / 1e12:.3g} TFLOP/s; length {args.length},"
           f" ~{args.tokens:,} tokens per batch, {args.repeats} repeats of {args.batches} batches")
     if args.attention_only: return attention_only(args, device)

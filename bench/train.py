@@ -9,6 +9,7 @@ the default data (lengths = expressed genes per cell, batches grouped by length)
     python bench/train.py                  # the full table
     python bench/train.py --threads 2 --lengths 512 2048 --precisions bf16
     python bench/train.py --only-scgpt     # ours against scGPT's TransformerModel at its whole-human shape
+    python bench/train.py --no-scgpt       # without the scGPT table (it runs whenever scgpt is installed)
 
 The scGPT table needs `pip install --no-deps scgpt==0.2.4`: its model module is loaded without the rest
 of its package (which wants datasets, wandb …), and `torchtext`, which cannot load against torch 2.13,
@@ -34,6 +35,7 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Pa
 
 import argparse
 import functools
+import importlib.util
 import statistics
 import time
 
@@ -269,7 +271,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--no-real", action="store_true")
-    parser.add_argument("--scgpt", action="store_true", help="also: ours against scGPT's TransformerModel at its whole-human shape")
+    parser.add_argument("--no-scgpt", action="store_true", help="skip the scGPT table (ours against scGPT's TransformerModel at its whole-human shape)")
     parser.add_argument("--only-scgpt", action="store_true", help="only the scGPT table")
     args = parser.parse_args()
     if args.quick: args.lengths, args.repeats, args.tokens_per_batch = [512], 2, args.tokens_per_batch // 2
@@ -306,7 +308,9 @@ def main():
     print("scfoundation.model.count_flops) over this machine's matmul peak in that precision. attn %: share of our training")
     print("step spent in the fused SDPA kernel (forward + backward), which both models call; max x: the training ratio a model")
     print("doing nothing but that attention would reach against the peer (an upper bound on x at this length).")
-    if args.scgpt: scgpt_table(args, peaks)
+    if args.no_scgpt: return
+    if importlib.util.find_spec("scgpt") is None: print("\n(scGPT table skipped: pip install --no-deps scgpt==0.2.4)")
+    else: scgpt_table(args, peaks)
 
 
 if __name__ == "__main__":

@@ -177,9 +177,9 @@ FINE_TUNE_MODES = ("head", "full")
 
 
 def _load_run(run):
-    "The model (with its tokenizer) of a `scf pretrain` run folder or checkpoint folder."
-    from scfoundation.model import SCFModel
-    model = SCFModel.from_pretrained(_run_folder(run))
+    "The model (with its tokenizer) of a `scf pretrain` run folder or checkpoint folder, or a published one (`geneformer:DIR`)."
+    from scfoundation.published import load_model, published_kind
+    model = load_model(run if published_kind(run) else _run_folder(run))
     if model.tokenizer is None:
         raise data.DataError(f"{run} holds a model without vocab.json: pass a folder written by `scf pretrain --out`.")
     return model
@@ -371,6 +371,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast (default fp32)")
     t.add_argument("--seed", type=int, default=0, help="seed for weights, data order and masks (default 0)")
     t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model: faster steps after a compilation warm-up")
     t.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run instead of resuming")
     t.add_argument("--extend", action="store_true",
                    help="continue a run under a changed --steps: the learning-rate schedule changes from the resumed step on")
@@ -378,7 +379,7 @@ def _parser() -> argparse.ArgumentParser:
     t.set_defaults(output_folders=["out"])
     e = sub.add_parser("embed", help="write cell embeddings into obsm['X_scf'] of an .h5ad", parents=[preparing, writing],
                        description="Embed the cells of INPUT with the model in RUN (a `scf pretrain` folder) and write OUTPUT.")
-    e.add_argument("run", help="a `scf pretrain --out` folder (or its final/ or a checkpoint-<step> folder)")
+    e.add_argument("run", help="a `scf pretrain --out` folder (or its final/ or a checkpoint-<step> folder), or a published model: geneformer:DIR")
     e.add_argument("input", help=f"cells: .h5ad / 10x input, or '{DEFAULT_DATA}'")
     e.add_argument("output", help="the .h5ad to write, with obsm['X_scf']")
     e.set_defaults(output_files=["output"])
@@ -425,7 +426,8 @@ def _evaluate_parser(sub, parents):
     v.add_argument("input", help=f"an .h5ad (raw counts, labels in obs; embeddings in obsm for embedding/integration), or '{DEFAULT_DATA}'")
     v.add_argument("--task", choices=TASKS, help="embedding (default), integration (default with --batch-key), annotation, "
                    "perturbation, insilico, grn; the last four need --model, insilico and grn simulated data")
-    v.add_argument("--model", help="a `scf pretrain --out` folder: the model for annotation, perturbation, insilico and grn")
+    v.add_argument("--model", help="a `scf pretrain --out` folder or geneformer:DIR: embeds the cells into X_scf for embedding/integration; "
+                   "the model for annotation, perturbation, insilico and grn")
     v.add_argument("--label-key", default="cell_type", help="obs column with the true labels (default cell_type)")
     v.add_argument("--seed", type=int, default=0, help="seed of splits, solvers and heads (default 0)")
     v.add_argument("--table", help="also write the table to this .csv")
@@ -454,7 +456,9 @@ def _evaluate(args):
     task = args.task or ("integration" if args.batch_key else "embedding")
     if task in ("embedding", "integration"):
         if task == "integration" and not args.batch_key: raise data.DataError("--task integration needs --batch-key: the obs column with batches.")
-        adata = data.read_anndata(args.input)
+        if args.model:      # embed the cells with the model first: its embedding is scored as X_scf
+            adata = embed_command(args.model, args.input, key="X_scf", progress=False, preparing=_preparing(args))
+        else: adata = data.read_anndata(args.input)
         return evaluate_command(adata, keys=args.keys, label_key=args.label_key, seed=args.seed, batch_key=args.batch_key), adata
     if not args.model: raise data.DataError(f"--task {task} needs --model RUN: a folder written by `scf pretrain --out RUN`.")
     adata = load_cells(args.input, **_preparing(args))
@@ -528,7 +532,7 @@ def _run(args):
         history = pretrain_command(args.input, args.out, config=args.config, input_kind=args.input_kind, resume=not args.no_resume,
                                    extend=args.extend, fsdp=args.fsdp, preparing=_preparing(args), steps=args.steps,
                                    batch_size=args.batch_size, lr=args.lr, precision=args.precision, seed=args.seed,
-                                   save_every=args.save_every).history
+                                   save_every=args.save_every, compile=args.compile).history
         if _is_main_process():
             print(f"loss {history.loss.iloc[0]:.3f} → {history.loss.iloc[-1]:.3f}; model in {Path(args.out) / 'final'}")
     elif args.command == "embed":

@@ -74,6 +74,7 @@ class TrainConfig(Config):
     keep_last: int = 2          # keep only the newest checkpoints (0: keep all)
     num_workers: int = 0        # DataLoader processes that tokenize ahead of the model
     device: str = "auto"        # "auto" (CUDA when present), "cpu" or "cuda"
+    compile: bool = False       # torch.compile the model's forward (dynamic shapes): faster steps after a compilation warm-up
 
     def __post_init__(self):
         problems = []
@@ -595,7 +596,7 @@ def matmul_peak_flops(device="cpu",            # the device the model trains on
     if key not in _PEAKS:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
         slow_bf16 = precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        sizes = sizes or ((256, 512) if slow_bf16 else (512, 1024) if device.type == "cpu" else (4096, 8192))
+        sizes = sizes or ((256, 512) if slow_bf16 else (1024, 2048) if device.type == "cpu" else (4096, 8192))
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         _PEAKS[key] = declared_peak_flops(name, precision) or _matmul_probe(device, dtype, sizes, repeats)
     return _PEAKS[key]
@@ -800,6 +801,7 @@ def pretrain(data,                  # cells: AnnData (in memory or backed), `.h5
         last = min(train_config.steps, stop_after or train_config.steps)
         if rank == 0: check_run_folder(out_dir, start, last, train_config)
         trained = wrap_model(model, fsdp, world_size)
+        if train_config.compile: trained.compile(dynamic=True)   # in place: parameter names, checkpoints and the optimizer stay as they are
         optimizer = make_optimizer(trained, train_config)
         if checkpoint: load_optimizer_state(trained, optimizer, checkpoint["optimizer_state"], fsdp)
         run = dict(trained=trained, model=model, optimizer=optimizer, fsdp=fsdp, train_config=train_config, rank=rank)

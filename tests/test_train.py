@@ -173,6 +173,15 @@ def test_pretrain_is_deterministic_and_bf16_runs(adata, tmp_path):
     assert np.isfinite(bf16.loss).all() and abs(bf16.loss[0] - first.loss[0]) < 0.1
 
 
+def test_compile_trains_the_same_model_and_saves_plain_names(trained, adata, tmp_path):
+    "compile=True compiles the forward in place: the same losses (to float error), checkpoints with the model's own names."
+    _, whole = trained
+    compiled = pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK, compile=True), tmp_path, progress=False)
+    np.testing.assert_allclose(compiled.history.loss, whole.history.loss, rtol=1e-4)
+    saved = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert set(saved) == set(SCFModel(ModelConfig(**TINY, vocab_size=compiled.config.vocab_size)).state_dict())
+
+
 def test_stop_after_then_resume_equals_uninterrupted(trained, adata, tmp_path):
     _, whole = trained
     partial = pretrain(adata, ModelConfig(**TINY), TrainConfig(**QUICK), tmp_path, progress=False, stop_after=3)

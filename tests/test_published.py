@@ -1,0 +1,134 @@
+"""Published models: Geneformer V1 folders written by transformers itself load into SCFModel and embed real
+pbmc68k cells as the peer's own forward does (padding and truncation included), in both weight formats and
+for every activation; pickles that name classes are refused; the CLI takes geneformer:DIR."""
+import json
+import pickle
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import BertForMaskedLM
+
+from scfoundation.data import load_pbmc68k
+from scfoundation.evaluate import iter_batches
+from scfoundation.genes import N_SPECIAL, map_genes
+from scfoundation.model import SCFModel
+from scfoundation.published import (PublishedModelError, geneformer_vocab, load_geneformer, load_model, published_kind,
+                                    random_geneformer, read_dictionary)
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def pbmc():
+    return map_genes(load_pbmc68k()[:40])
+
+
+def peer_embedding(folder, batch, source_ids, layer=-2):
+    "Geneformer's extractor on our tokens: the BERT forward, the mean over each cell's tokens of hidden_states[layer]."
+    bert = BertForMaskedLM.from_pretrained(folder).eval()
+    mask = batch["attention_mask"][:, 1:]
+    ids = torch.as_tensor(source_ids)[batch["input_ids"][:, 1:].clamp(min=N_SPECIAL) - N_SPECIAL].masked_fill(~mask, 0)
+    with torch.no_grad():
+        hidden = bert(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states[layer]
+    return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+def source_ids_of(root):
+    tokens = read_dictionary(root / "token_dictionary_random.pkl")
+    return geneformer_vocab(tokens, read_dictionary(root / "gene_median_dictionary_random.pkl"))[1]
+
+
+@pytest.mark.parametrize("hidden_act, safetensors, layer", [("relu", True, -2), ("gelu", False, -2), ("gelu", True, -1)])
+def test_geneformer_embeddings_equal_the_peers_forward(pbmc, tmp_path, hidden_act, safetensors, layer):
+    folder = random_geneformer(tmp_path, list(pbmc.var_names), n_layers=2, max_tokens=220, hidden_act=hidden_act,
+                               safetensors=safetensors, seed=3)
+    model = load_geneformer(folder, embedding_layer=layer, verbose=False)
+    _, batch = next(iter_batches(pbmc, model.tokenizer, batch_size=40))
+    lengths = batch["attention_mask"].sum(1) - 1
+    assert lengths.min() < lengths.max() == 220                       # some cells cut at 220 genes (the peer's 220 positions), others padded
+    torch.testing.assert_close(model.embed(batch), peer_embedding(folder, batch, source_ids_of(tmp_path), layer), atol=1e-5, rtol=1e-5)
+
+
+def test_jagged_attention_gives_the_same_geneformer_embedding(pbmc, tmp_path):
+    folder = random_geneformer(tmp_path, list(pbmc.var_names), n_layers=2)
+    model = load_geneformer(folder, verbose=False)
+    _, batch = next(iter_batches(pbmc, model.tokenizer, batch_size=12))
+    padded = model.embed(batch)
+    model.attention = "jagged"
+    torch.testing.assert_close(model.embed(batch), padded, atol=1e-5, rtol=1e-5)
+
+
+def test_a_loaded_geneformer_saves_and_reloads_as_ours(pbmc, tmp_path):
+    model = load_geneformer(random_geneformer(tmp_path, list(pbmc.var_names)), verbose=False)
+    again = SCFModel.from_pretrained(model.save_pretrained(tmp_path / "ours"))
+    _, batch = next(iter_batches(pbmc, model.tokenizer, batch_size=8))
+    torch.testing.assert_close(again.embed(batch), model.embed(batch))
+    assert again.tokenizer.vocab == model.tokenizer.vocab and np.allclose(again.tokenizer.medians, model.tokenizer.medians, equal_nan=True)
+    assert published_kind(tmp_path / "ours") is None and published_kind(tmp_path / "model") == ("geneformer", tmp_path / "model")
+
+
+def test_the_vocabulary_maps_ensembl_ids_and_reports_coverage():
+    tokens = {"<pad>": 0, "<mask>": 1, "ENSG00000121410": 2, "ENSG00000175899": 3, "ENSG99999999999": 4}
+    vocab, source, report = geneformer_vocab(tokens, {"ENSG00000121410": 1.5})
+    assert list(vocab.genes) == ["A1BG", "A2M"] and source.tolist() == [2, 3]
+    assert report["unknown to the gene table"] == 1 and report["without a median"] == 1
+
+
+def test_pickles_naming_classes_are_refused_and_numpy_medians_read(tmp_path):
+    path = tmp_path / "medians.pkl"
+    path.write_bytes(pickle.dumps({"ENSG00000121410": np.float32(2.5), "n": [np.int64(3)]}))
+    assert read_dictionary(path) == {"ENSG00000121410": 2.5, "n": [3]}
+
+    class Attack:
+        def __reduce__(self): return (subprocess.call, (["touch", str(tmp_path / "ran")],))
+    path.write_bytes(pickle.dumps(Attack()))
+    with pytest.raises(PublishedModelError, match="subprocess.call"): read_dictionary(path)
+    assert not (tmp_path / "ran").exists()
+    (tmp_path / "d.json").write_text(json.dumps({"<pad>": 0}))
+    assert read_dictionary(tmp_path / "d.json") == {"<pad>": 0}
+    path.write_bytes(b"not a pickle")
+    with pytest.raises(PublishedModelError, match="not a readable pickle"): read_dictionary(path)
+
+
+def test_bad_folders_and_dictionaries_are_named(pbmc, tmp_path):
+    folder = random_geneformer(tmp_path, list(pbmc.var_names))
+    (tmp_path / "token_dictionary_other.pkl").write_bytes((tmp_path / "token_dictionary_random.pkl").read_bytes())
+    with pytest.raises(PublishedModelError, match="several token_dictionary files"): load_geneformer(folder)
+    v2 = tmp_path / "v2.pkl"
+    v2.write_bytes(pickle.dumps({"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}))
+    with pytest.raises(PublishedModelError, match="Geneformer V2"): load_geneformer(folder, v2, tmp_path / "gene_median_dictionary_random.pkl")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(PublishedModelError, match="neither model.safetensors"): load_geneformer(folder, v2)
+    (folder / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(PublishedModelError, match="truncated or not a weights file"): load_geneformer(folder, v2)
+    other = random_geneformer(tmp_path / "other", list(pbmc.var_names))
+    (other / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    with pytest.raises(PublishedModelError, match="config.json lacks"): load_geneformer(other)
+
+
+def test_pytorch_bins_holding_more_than_tensors_are_refused(pbmc, tmp_path):
+    folder = random_geneformer(tmp_path, list(pbmc.var_names), safetensors=False)
+    torch.save({"weights": torch.zeros(2), "extra": ad.AnnData(np.zeros((2, 2)))}, folder / "pytorch_model.bin")
+    with pytest.raises(PublishedModelError, match="holds more than tensors"): load_model(folder)
+
+
+def test_cli_embeds_and_evaluates_with_a_geneformer_folder(pbmc, tmp_path):
+    folder = random_geneformer(tmp_path, list(load_pbmc68k().var_names), n_layers=2)
+    out = tmp_path / "embedded.h5ad"
+    scf = [sys.executable, "-m", "scfoundation"]
+    result = subprocess.run([*scf, "embed", f"geneformer:{folder}", "pbmc68k", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    written = ad.read_h5ad(out)
+    model = load_geneformer(folder, verbose=False)
+    cells = map_genes(load_pbmc68k()[written.obs_names[:16]])
+    _, batch = next(iter_batches(cells, model.tokenizer, batch_size=16))
+    np.testing.assert_allclose(written.obsm["X_scf"][:16], model.embed(batch).numpy(), atol=1e-5)
+    result = subprocess.run([*scf, "evaluate", "pbmc68k", "--model", str(folder)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "X_scf" in result.stdout and "X_pca_hvg" in result.stdout
