@@ -8,6 +8,8 @@ real-length cells of the built-in pbmc68k data, in one run:
   second-to-last layer over each cell's tokens;
 - ours: `load_geneformer` into SCFModel, `model.embed` (packed tokens, no padding work, only the layers
   up to the embedding's, no vocabulary head).
+and the same for a scGPT checkpoint at its whole-human shape (12 layers of width 512, 8 heads), through scGPT's own
+`encode_batch` and through `load_scgpt` + `model.embed` (`--no-scgpt` skips it; it needs scgpt's code).
 Both see the same batches (cells sorted by length, which favours the padded peer), and the script checks
 that the embeddings agree before it prints cells/s.
 
@@ -50,6 +52,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scgpt-cells", type=int, default=128, help="cells for the scGPT half (it is 12 layers of width 512)")
+    parser.add_argument("--no-scgpt", action="store_true", help="only the Geneformer half")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import BertForMaskedLM
@@ -93,6 +97,47 @@ def main():
     print(f"{'path':<46}{'cells/s':>9}")
     print(f"{'peer: BertForMaskedLM + hidden states (extractor)':<46}{args.cells / peer_seconds:9.1f}")
     print(f"{'ours: load_geneformer + SCFModel.embed':<46}{args.cells / our_seconds:9.1f}")
+    print(f"ours / peer: {peer_seconds / our_seconds:.1f}x")
+    if not args.no_scgpt: scgpt_speed(args, cells)
+
+
+def scgpt_speed(args, cells):
+    "scGPT's encode_batch against load_scgpt + embed, same weights, same cells (its whole-human shape)."
+    import contextlib, io
+    from scfoundation.published import load_scgpt, random_scgpt, scgpt_model_class, scgpt_vocab
+    import json
+    n_cells = min(args.cells, args.scgpt_cells)
+    cells = cells[:n_cells]
+    genes = list(load_pbmc68k().var_names)
+    folder = random_scgpt(Path(tempfile.mkdtemp()) / "scgpt", genes, n_layers=12, d_model=512, n_heads=8, d_ff=512, max_len=1200)
+    ours = load_scgpt(folder, verbose=False)
+    vocab, config = json.loads((folder / "vocab.json").read_text()), json.loads((folder / "args.json").read_text())
+    peer = scgpt_model_class()(len(vocab), 512, 8, 512, 12, vocab=vocab, dropout=0.0, pad_token="<pad>", pad_value=-2,
+                               input_emb_style="continuous", cell_emb_style="cls")
+    peer.load_state_dict(torch.load(folder / "best_model.pt", weights_only=True)); peer.eval()
+    source = torch.as_tensor(scgpt_vocab(vocab)[1])
+    batches = [batch for _, batch in iter_batches(cells, ours.tokenizer, batch_size=args.batch_size)]
+    peer_batches = []
+    for batch in batches:   # scGPT's conventions: its gene ids, bins one lower, its pad value at <cls> and on padding
+        real = batch["attention_mask"]
+        ids = source[batch["input_ids"].clamp(min=N_SPECIAL) - N_SPECIAL]
+        ids[:, 0] = vocab["<cls>"]
+        values = (batch["value_ids"] - 1).float().masked_fill(~real, -2.0); values[:, 0] = -2.0
+        peer_batches.append((ids.masked_fill(~real, vocab["<pad>"]), values, ~real))
+
+    def run_peer():
+        with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):
+            return torch.cat([peer.encode_batch(*batch, batch_size=len(batch[0]), time_step=0, return_np=False) for batch in peer_batches])
+
+    def run_ours():
+        return torch.cat([ours.embed(batch) for batch in batches])
+
+    difference = (run_ours() - run_peer()).abs().max().item()
+    peer_seconds, our_seconds = median_seconds(run_peer, args.repeats), median_seconds(run_ours, args.repeats)
+    print(f"\nscGPT whole-human shape ({sum(p.numel() for p in peer.parameters()):,} parameters in the peer), {n_cells} cells, "
+          f"batches of {args.batch_size}; largest difference between the embeddings: {difference:.1e}")
+    print(f"{'peer: TransformerModel.encode_batch':<46}{n_cells / peer_seconds:9.1f}")
+    print(f"{'ours: load_scgpt + SCFModel.embed':<46}{n_cells / our_seconds:9.1f}")
     print(f"ours / peer: {peer_seconds / our_seconds:.1f}x")
 
 

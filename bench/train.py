@@ -11,9 +11,9 @@ the default data (lengths = expressed genes per cell, batches grouped by length)
     python bench/train.py --only-scgpt     # ours against scGPT's TransformerModel at its whole-human shape
     python bench/train.py --no-scgpt       # without the scGPT table (it runs whenever scgpt is installed)
 
-The scGPT table needs `pip install --no-deps scgpt==0.2.4`: its model module is loaded without the rest
-of its package (which wants datasets, wandb …), and `torchtext`, which cannot load against torch 2.13,
-comes from the stand-in in bench/standins (only the names scgpt's imports use). scGPT runs as
+The scGPT table needs `pip install --no-deps scgpt==0.2.4` (in the dev set-up): its model module is loaded
+alone (`scfoundation.published.scgpt_model_class`), without the rest of its package, which wants torchtext
+(it cannot load against torch 2.13), datasets, wandb … scGPT runs as
 published: 12 layers of width 512, 8 heads, feed-forward 512, dropout 0.2, 51 value bins (category
 embedding), an MSE expression decoder on every token, `encode_batch` for cell embeddings.
 
@@ -34,7 +34,6 @@ from pathlib import Path
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
-import functools
 import importlib.util
 import statistics
 import time
@@ -156,23 +155,10 @@ SCGPT_SHAPE = dict(vocab_size=60_697, input_kind="bins", n_bins=51, d_model=512,
                    max_len=1200, dropout=0.2)   # scGPT's whole-human model (args.json of its release)
 
 
-@functools.cache
-def import_scgpt_model():
-    "scgpt's TransformerModel without its package's other imports (datasets, wandb …); torchtext from a stand-in if needed."
-    import importlib.util, logging, types
-    try: import torchtext.vocab  # noqa: F401
-    except Exception: sys.path.insert(0, str(Path(__file__).resolve().parent / "standins"))    # torchtext cannot load on torch 2.13
-    spec = importlib.util.find_spec("scgpt")
-    if spec is None: raise SystemExit("--scgpt needs scgpt: pip install --no-deps scgpt==0.2.4")
-    package = types.ModuleType("scgpt"); package.__path__ = list(spec.submodule_search_locations)
-    package.logger = logging.getLogger("scGPT"); sys.modules.setdefault("scgpt", package)
-    from scgpt.model.model import TransformerModel
-    return TransformerModel
-
-
 def scgpt_peer(config: ModelConfig, batches: list[dict], precision: str) -> dict:
     "scGPT's own TransformerModel at its whole-human shape: binned values (category embedding), MSE on masked genes, `encode_batch`."
-    TransformerModel = import_scgpt_model()
+    from scfoundation.published import scgpt_model_class
+    TransformerModel = scgpt_model_class()
     torch.manual_seed(0)
     mask_bin, pad_bin = config.n_bins + 1, config.n_bins + 2          # its value embedding: bins 0..n_bins, then mask and padding
     model = TransformerModel(config.vocab_size, config.d_model, config.n_heads, config.d_ff, config.n_layers, vocab={"<pad>": 0},

@@ -177,7 +177,7 @@ FINE_TUNE_MODES = ("head", "full")
 
 
 def _load_run(run):
-    "The model (with its tokenizer) of a `scf pretrain` run folder or checkpoint folder, or a published one (`geneformer:DIR`)."
+    "The model (with its tokenizer) of a `scf pretrain` run folder or checkpoint folder, or a published one (`geneformer:DIR`, `scgpt:DIR`)."
     from scfoundation.published import load_model, published_kind
     model = load_model(run if published_kind(run) else _run_folder(run))
     if model.tokenizer is None:
@@ -379,7 +379,7 @@ def _parser() -> argparse.ArgumentParser:
     t.set_defaults(output_folders=["out"])
     e = sub.add_parser("embed", help="write cell embeddings into obsm['X_scf'] of an .h5ad", parents=[preparing, writing],
                        description="Embed the cells of INPUT with the model in RUN (a `scf pretrain` folder) and write OUTPUT.")
-    e.add_argument("run", help="a `scf pretrain --out` folder (or its final/ or a checkpoint-<step> folder), or a published model: geneformer:DIR")
+    e.add_argument("run", help="a `scf pretrain --out` folder (or its final/ or a checkpoint-<step> folder), or a published model: geneformer:DIR, scgpt:DIR")
     e.add_argument("input", help=f"cells: .h5ad / 10x input, or '{DEFAULT_DATA}'")
     e.add_argument("output", help="the .h5ad to write, with obsm['X_scf']")
     e.set_defaults(output_files=["output"])
@@ -426,7 +426,7 @@ def _evaluate_parser(sub, parents):
     v.add_argument("input", help=f"an .h5ad (raw counts, labels in obs; embeddings in obsm for embedding/integration), or '{DEFAULT_DATA}'")
     v.add_argument("--task", choices=TASKS, help="embedding (default), integration (default with --batch-key), annotation, "
                    "perturbation, insilico, grn; the last four need --model, insilico and grn simulated data")
-    v.add_argument("--model", help="a `scf pretrain --out` folder or geneformer:DIR: embeds the cells into X_scf for embedding/integration; "
+    v.add_argument("--model", help="a `scf pretrain --out` folder, geneformer:DIR or scgpt:DIR: embeds the cells into X_scf for embedding/integration; "
                    "the model for annotation, perturbation, insilico and grn")
     v.add_argument("--label-key", default="cell_type", help="obs column with the true labels (default cell_type)")
     v.add_argument("--seed", type=int, default=0, help="seed of splits, solvers and heads (default 0)")

@@ -1,6 +1,7 @@
 """Published models: Geneformer V1 folders written by transformers itself load into SCFModel and embed real
 pbmc68k cells as the peer's own forward does (padding and truncation included), in both weight formats and
 for every activation; pickles that name classes are refused; the CLI takes geneformer:DIR."""
+import importlib.util
 import json
 import pickle
 import subprocess
@@ -132,3 +133,66 @@ def test_cli_embeds_and_evaluates_with_a_geneformer_folder(pbmc, tmp_path):
     result = subprocess.run([*scf, "evaluate", "pbmc68k", "--model", str(folder)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "X_scf" in result.stdout and "X_pca_hvg" in result.stdout
+
+
+# ---------------------------------------------------------------- scGPT
+# scGPT's own code (pip install --no-deps scgpt==0.2.4, in the dev set-up); its package import needs torchtext, so only look for it
+needs_scgpt = pytest.mark.skipif(importlib.util.find_spec("scgpt") is None, reason="needs scgpt's code: pip install --no-deps scgpt==0.2.4")
+
+
+def scgpt_peer(folder, batch, source_ids):
+    "scGPT's own encode_batch on our tokens: its gene ids, bins one lower, its pad value at <cls> and on padding."
+    from scfoundation.published import scgpt_model_class
+    args, vocab = json.loads((folder / "args.json").read_text()), json.loads((folder / "vocab.json").read_text())
+    peer = scgpt_model_class()(len(vocab), args["embsize"], args["nheads"], args["d_hid"], args["nlayers"], vocab=vocab, dropout=0.0,
+                               pad_token="<pad>", pad_value=-2, input_emb_style="continuous", cell_emb_style="cls")
+    peer.load_state_dict(torch.load(folder / "best_model.pt", weights_only=True)); peer.eval()
+    real = batch["attention_mask"]
+    genes = torch.as_tensor(source_ids)[batch["input_ids"].clamp(min=N_SPECIAL) - N_SPECIAL]
+    genes[:, 0] = vocab["<cls>"]
+    values = (batch["value_ids"] - 1).float().masked_fill(~real, -2.0)
+    values[:, 0] = -2.0
+    with torch.no_grad():
+        return peer.encode_batch(genes.masked_fill(~real, vocab["<pad>"]), values, ~real, batch_size=len(genes), time_step=0, return_np=False)
+
+
+@needs_scgpt
+@pytest.mark.parametrize("max_len, n_layers", [(201, 2), (1200, 1)])   # some cells sampled down to 200 genes; none
+def test_scgpt_embeddings_equal_its_own_encode_batch(pbmc, tmp_path, max_len, n_layers):
+    from scfoundation.published import load_scgpt, random_scgpt, scgpt_vocab
+    folder = random_scgpt(tmp_path / "scgpt", list(pbmc.var_names), n_layers=n_layers, max_len=max_len, seed=2)
+    model = load_scgpt(folder, verbose=False)
+    _, batch = next(iter_batches(pbmc, model.tokenizer, batch_size=40))
+    lengths = batch["attention_mask"].sum(1) - 1
+    assert lengths.min() < lengths.max() <= max_len - 1
+    source = scgpt_vocab(json.loads((folder / "vocab.json").read_text()))[1]
+    torch.testing.assert_close(model.embed(batch), scgpt_peer(folder, batch, source), atol=1e-5, rtol=1e-5)
+    model.attention = "jagged"
+    torch.testing.assert_close(model.embed(batch), scgpt_peer(folder, batch, source), atol=1e-5, rtol=1e-5)
+
+
+@needs_scgpt
+def test_scgpt_folders_are_checked(pbmc, tmp_path):
+    from scfoundation.published import load_scgpt, random_scgpt
+    folder = random_scgpt(tmp_path / "scgpt", list(pbmc.var_names))
+    args = json.loads((folder / "args.json").read_text())
+    (folder / "args.json").write_text(json.dumps({**args, "input_emb_style": "category"}))
+    with pytest.raises(PublishedModelError, match="input_emb_style='category'"): load_scgpt(folder)
+    torch.save({"weights": ad.AnnData(np.zeros((1, 1)))}, folder / "best_model.pt")
+    with pytest.raises(PublishedModelError, match="not a plain state dict"): load_scgpt(folder)
+    (folder / "vocab.json").unlink()
+    with pytest.raises(PublishedModelError, match="vocab.json not found"): load_scgpt(folder)
+
+
+@needs_scgpt
+def test_cli_embeds_with_a_scgpt_folder(tmp_path):
+    from scfoundation.published import load_scgpt, random_scgpt
+    folder = random_scgpt(tmp_path / "scgpt", list(load_pbmc68k().var_names), max_len=300)
+    out = tmp_path / "embedded.h5ad"
+    result = subprocess.run([sys.executable, "-m", "scfoundation", "embed", f"scgpt:{folder}", "pbmc68k", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    written = ad.read_h5ad(out)
+    model = load_scgpt(folder, verbose=False)
+    _, batch = next(iter_batches(map_genes(load_pbmc68k()[written.obs_names[:16]]), model.tokenizer, batch_size=16))
+    np.testing.assert_allclose(written.obsm["X_scf"][:16], model.embed(batch).numpy(), atol=1e-5)
