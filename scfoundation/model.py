@@ -104,6 +104,7 @@ class ModelConfig(Config):
     value_encoder: str = "embedding" # bins: a vector per bin, or "mlp" of the bin number (scGPT's continuous value encoder)
     cls_value: float = 0.0         # value_encoder="mlp": the number `<cls>` carries (scGPT gives it its pad value, -2)
     cls_token: bool = True         # False: the encoder never sees the `<cls>` slot (Geneformer V1 has no such token)
+    end_token: bool = False        # each cell ends with an end token (Geneformer V2's `<eos>`), left out of the mean pooling
     embedding_layer: int = -1      # the cell embedding's layer: -1 the last, -2 the one before (Geneformer's extractor), ...
     vocab_version: str | None = None  # `Vocab.version` the model was trained with
     tokenizer: dict | None = None  # tokenizer settings, so that inference tokenizes the same way
@@ -485,14 +486,17 @@ def pool_cells(packed: torch.Tensor, # (N, d) encoder output
                layout: TokenLayout,  # the encoder's layout
                pooling: str,         # "cls" | "mean"
                has_cls: bool = True, # each cell's first row is its `<cls>` (False: every row is a gene)
+               has_end: bool = False, # each cell's last row is an end token, left out of the mean
               ) -> torch.Tensor:     # (B, d)
     "The cell embedding: each cell's `<cls>` row, or the mean of its gene rows."
     starts = layout.starts
     if pooling == "cls": return packed[starts]
     cell_of_row = torch.repeat_interleave(torch.arange(layout.batch_size, device=packed.device), layout.lengths)
     sums = packed.new_zeros(layout.batch_size, packed.shape[-1]).index_add_(0, cell_of_row, packed)
-    if not has_cls: return sums / layout.lengths.clamp(min=1)[:, None].to(packed.dtype)
-    return (sums - packed[starts]) / (layout.lengths - 1).clamp(min=1)[:, None].to(packed.dtype)
+    if has_cls: sums = sums - packed[starts]
+    if has_end: sums = sums - packed[starts + layout.lengths - 1]
+    genes = (layout.lengths - int(has_cls) - int(has_end)).clamp(min=1)
+    return sums / genes[:, None].to(packed.dtype)
 
 # %% ../nbs/05_model.ipynb #eed3eebf
 class SCFModel(nn.Module):
@@ -573,7 +577,7 @@ class SCFModel(nn.Module):
         if self.config.asymmetric: packed, rows = self._decode(batch, encoded, embedded, selected), real
         else: packed, rows = encoded, encoder_keep(batch, self.config)    # the rows of `packed` in the (B, L) grid
         hidden = packed.new_zeros(*real.shape, packed.shape[-1]).index_put((rows,), packed)
-        result = dict(hidden=hidden, cell_embedding=pool_cells(at_embedding, layout, self.config.pooling, self.config.cls_token))
+        result = dict(hidden=hidden, cell_embedding=pool_cells(at_embedding, layout, self.config.pooling, self.config.cls_token, self.config.end_token))
         if "mask_positions" in batch:
             mask_positions = batch["mask_positions"]
             if (mask_positions & ~real).any() or mask_positions[:, 0].any():
@@ -598,7 +602,7 @@ class SCFModel(nn.Module):
             if self.config.pooling == "cls" and self.config.embedding_layer == -1 and not _watched(self.encoder.blocks[-1]):
                 return self._encode(unmasked, cls_only=True)[0].float()
             _, layout, _, _, at_embedding = self._encode(unmasked, embedding_only=True)   # no layer above the embedding's
-            return pool_cells(at_embedding, layout, self.config.pooling, self.config.cls_token).float()
+            return pool_cells(at_embedding, layout, self.config.pooling, self.config.cls_token, self.config.end_token).float()
         finally:
             self.train(was_training)
 

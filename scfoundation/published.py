@@ -8,7 +8,7 @@ __all__ = ['PLAIN_NUMPY', 'BERT_ACTIVATIONS', 'PUBLISHED_LOADERS', 'SCGPT_WEIGHT
            'find_dictionary', 'load_geneformer', 'published_kind', 'load_model', 'random_geneformer', 'scgpt_config',
            'scgpt_vocab', 'scgpt_state', 'load_scgpt', 'scgpt_model_class', 'random_scgpt']
 
-# %% ../nbs/16_published.ipynb #8ae46319
+# %% ../nbs/16_published.ipynb #a5ae8d68
 import json
 import pickle
 import warnings
@@ -23,7 +23,7 @@ from .genes import CLS_ID, MASK_ID, N_SPECIAL, PAD_ID, Vocab, match_gene_ids
 from .model import ModelConfig, SCFModel
 from .tokenization import BinningTokenizer, RankValueTokenizer
 
-# %% ../nbs/16_published.ipynb #5a169e1d
+# %% ../nbs/16_published.ipynb #21f3a043
 class PublishedModelError(ValueError):
     "A published checkpoint that cannot be read: the message names the file and the fix."
 
@@ -51,30 +51,35 @@ def read_dictionary(path) -> dict:
         except (pickle.UnpicklingError, EOFError) as error:
             raise PublishedModelError(f"{path} is not a readable pickle ({error}): pass Geneformer's dictionary file") from None
 
-# %% ../nbs/16_published.ipynb #53a8f9f5
+# %% ../nbs/16_published.ipynb #d8d3cb8a
 def geneformer_vocab(token_dictionary: dict, # Geneformer's: Ensembl ID -> token id, specials included
                      gene_medians: dict,     # Geneformer's: Ensembl ID -> median
                     ) -> tuple[Vocab, np.ndarray, dict]:
-    "Our vocabulary of the genes the gene table knows, with their medians; each one's Geneformer token id; a coverage report."
+    "Our vocabulary of the genes the gene table knows, with their medians (then `<eos>`, for V2); each one's Geneformer id; a coverage report."
     ensembl = [key for key in token_dictionary if not key.startswith("<")]
     matches = match_gene_ids(ensembl, id_type="ensembl")
     found = matches["token"].notna().to_numpy()
     first = found & ~matches["token"].duplicated().to_numpy()          # two IDs for one gene: the first one's vector
     ids = matches["input_id"][first].tolist()
     medians = np.array([gene_medians.get(gene, np.nan) for gene in ids], dtype=np.float64)
-    vocab = Vocab.from_genes(matches["token"][first].tolist(), medians=medians)
+    tokens = matches["token"][first].tolist()
+    if "<eos>" in token_dictionary:   # V2: the end token, never read from data (no median)
+        ids, tokens, medians = ids + ["<eos>"], tokens + ["<eos>"], np.append(medians, np.nan)
+    vocab = Vocab.from_genes(tokens, medians=medians)
     report = {"genes": len(ensembl), "in the gene table": int(first.sum()), "unknown to the gene table": int((~found).sum()),
-              "second IDs of one gene": int((found & ~first).sum()), "without a median": int(np.isnan(medians).sum())}
+              "second IDs of one gene": int((found & ~first).sum()), "without a median": int(np.isnan(medians[:int(first.sum())]).sum())}
     return vocab, np.array([token_dictionary[gene] for gene in ids], dtype=np.int64), report
 
-# %% ../nbs/16_published.ipynb #35df42aa
+# %% ../nbs/16_published.ipynb #4d6151fe
 BERT_ACTIVATIONS = {"relu": "relu", "gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 
 def geneformer_config(bert: dict,            # the model folder's config.json
                       vocab_size: int,       # our vocabulary's size
                       embedding_layer: int = -2, # Geneformer's extractor reads the second-to-last layer
+                      version: int = 1,      # 1: no <cls>; 2: <cls> ... <eos>
+                      pooling: str = "mean", # "mean" of the genes (the extractor's "cell" mode) or "cls" (V2)
                      ) -> ModelConfig:
-    "The `ModelConfig` of a Geneformer V1 BERT: post-LN, embedding LayerNorm, no `<cls>`, mean pooling."
+    "The `ModelConfig` of a Geneformer BERT: post-LN, embedding LayerNorm, V1 without `<cls>`, V2 with `<cls>` and `<eos>`."
     if bert.get("model_type", "bert") != "bert" or bert.get("position_embedding_type", "absolute") != "absolute":
         raise PublishedModelError(f"config.json describes a {bert.get('model_type')} model with {bert.get('position_embedding_type')} "
                                   "positions: load_geneformer reads BERT models with absolute positions")
@@ -85,11 +90,11 @@ def geneformer_config(bert: dict,            # the model folder's config.json
         raise PublishedModelError(f"hidden_act={bert['hidden_act']!r} is not one of {sorted(BERT_ACTIVATIONS)}")
     return ModelConfig(vocab_size=vocab_size, input_kind="rank", d_model=bert["hidden_size"], n_layers=bert["num_hidden_layers"],
                        n_heads=bert["num_attention_heads"], d_ff=bert["intermediate_size"], dropout=bert.get("hidden_dropout_prob", 0.0),
-                       max_len=bert["max_position_embeddings"] + 1, activation=BERT_ACTIVATIONS[bert.get("hidden_act", "gelu")],
+                       max_len=bert["max_position_embeddings"] + (version == 1), activation=BERT_ACTIVATIONS[bert.get("hidden_act", "gelu")],
                        norm="post", norm_eps=bert.get("layer_norm_eps", 1e-12), final_norm=False, embedding_norm="sum",
-                       cls_token=False, pooling="mean", embedding_layer=embedding_layer)
+                       cls_token=version == 2, end_token=version == 2, pooling=pooling, embedding_layer=embedding_layer)
 
-# %% ../nbs/16_published.ipynb #20541d55
+# %% ../nbs/16_published.ipynb #fce6ffd6
 def _bert_layer(weights: dict, index: int) -> dict:
     "One BERT layer's weights under our block's names."
     source = lambda name: weights[f"encoder.layer.{index}.{name}"]
@@ -104,7 +109,7 @@ def _bert_layer(weights: dict, index: int) -> dict:
 def geneformer_state(weights: dict,           # the BERT state dict (with or without the `bert.` prefix)
                      config: ModelConfig,     # from `geneformer_config`
                      source_ids: np.ndarray,  # each of our genes' Geneformer token id (from `geneformer_vocab`)
-                     specials: dict,          # Geneformer's `<pad>` and `<mask>` ids
+                     specials: dict,          # Geneformer's `<pad>` and `<mask>` (and V2's `<cls>`) ids
                     ) -> dict:
     "Our model's encoder and embedding weights from a Geneformer BERT (no head)."
     weights = {name.removeprefix("bert."): tensor.float() for name, tensor in weights.items()}
@@ -112,14 +117,15 @@ def geneformer_state(weights: dict,           # the BERT state dict (with or wit
     gene = word.new_zeros(config.vocab_size, config.d_model)
     gene[N_SPECIAL:] = word[torch.as_tensor(source_ids)]
     gene[PAD_ID], gene[MASK_ID] = word[specials["<pad>"]], word[specials["<mask>"]]
+    if config.cls_token: gene[CLS_ID] = word[specials["<cls>"]]
     positions = weights["embeddings.position_embeddings.weight"] + weights["embeddings.token_type_embeddings.weight"][0]
-    state = {"embedding.gene.weight": gene,
-             "embedding.expression.position.weight": torch.cat([positions[:1], positions]),  # column 0 (<cls>) is never seen
+    if not config.cls_token: positions = torch.cat([positions[:1], positions])   # V1: column 0 (<cls>) is never seen
+    state = {"embedding.gene.weight": gene, "embedding.expression.position.weight": positions,
              "embedding.norm.weight": weights["embeddings.LayerNorm.weight"], "embedding.norm.bias": weights["embeddings.LayerNorm.bias"]}
     for index in range(config.n_layers): state.update(_bert_layer(weights, index))
     return state
 
-# %% ../nbs/16_published.ipynb #6967d79c
+# %% ../nbs/16_published.ipynb #df500f91
 def read_weights(folder: Path) -> dict:
     "A Hugging Face folder's weights: model.safetensors, else pytorch_model.bin read with weights_only=True."
     from safetensors.torch import load_file
@@ -144,27 +150,28 @@ def load_geneformer(folder,                    # a Geneformer model folder (conf
                     token_dictionary=None,     # its token dictionary file; None: found beside the folder
                     gene_medians=None,         # its gene-median dictionary file; None: found beside the folder
                     embedding_layer: int = -2, # the layer of the cell embedding (Geneformer's extractor: -2)
+                    pooling: str = "mean",     # "mean" of the genes, or (V2) "cls"
                     verbose: bool = True,      # print the vocabulary coverage
                    ) -> SCFModel:
-    "A Geneformer V1 checkpoint as an `SCFModel`, with its tokenizer."
+    "A Geneformer checkpoint (V1, or V2 with `<cls>`/`<eos>`) as an `SCFModel`, with its tokenizer."
     folder = Path(folder)
     if not (folder / "config.json").is_file(): raise PublishedModelError(f"{folder / 'config.json'} not found: pass a Geneformer model folder")
     weights = read_weights(folder)
     tokens = read_dictionary(token_dictionary or find_dictionary(folder, "token_dictionary"))
-    if "<eos>" in tokens or "<cls>" in tokens:
-        raise PublishedModelError("this is Geneformer V2 (its dictionary has <cls>/<eos>): each cell ends with <eos>, which "
-                                  "scfoundation's tokenizers do not write yet; use a V1 model (2,048 tokens)")
+    version = 2 if "<cls>" in tokens else 1
+    if version == 2 and "<eos>" not in tokens: raise PublishedModelError("the token dictionary has <cls> but no <eos>: pass Geneformer's own")
+    if version == 1 and pooling != "mean": raise PublishedModelError("Geneformer V1 has no <cls>: use pooling='mean'")
     vocab, source_ids, report = geneformer_vocab(tokens, read_dictionary(gene_medians or find_dictionary(folder, "median")))
     if verbose: print("Geneformer vocabulary: " + ", ".join(f"{value:,} {name}" for name, value in report.items()))
-    config = geneformer_config(json.loads((folder / "config.json").read_text()), len(vocab), embedding_layer)
-    tokenizer = RankValueTokenizer(vocab, max_length=config.max_len)
+    config = geneformer_config(json.loads((folder / "config.json").read_text()), len(vocab), embedding_layer, version, pooling)
+    tokenizer = RankValueTokenizer(vocab, max_length=config.max_len, end_token="<eos>" if version == 2 else None)
     model = SCFModel(replace(config, vocab_version=vocab.version, tokenizer=tokenizer.to_dict()))
     state = {**model.state_dict(), **geneformer_state(weights, config, source_ids, tokens)}  # the head stays fresh
     model.load_state_dict(state)
     model.tokenizer = tokenizer
     return model.eval()
 
-# %% ../nbs/16_published.ipynb #ce7ffec4
+# %% ../nbs/16_published.ipynb #5d55ddea
 PUBLISHED_LOADERS = {"geneformer": load_geneformer}
 
 def published_kind(spec) -> tuple[str, Path] | None:
@@ -190,16 +197,17 @@ def load_model(spec, # our model folder, `geneformer:DIR`, or a published model'
         return PUBLISHED_LOADERS[kind](folder)
     return SCFModel.from_pretrained(spec)
 
-# %% ../nbs/16_published.ipynb #e04d38b9
+# %% ../nbs/16_published.ipynb #f47e5f67
 def random_geneformer(folder,                 # where to write: folder/model, and the two dictionaries beside it
                       genes: list[str],       # gene tokens of the gene table (e.g. an AnnData's var_names)
                       n_layers: int = 3, d_model: int = 64, n_heads: int = 4, d_ff: int = 128,
                       max_tokens: int = 256,  # max_position_embeddings: the longest cell
                       hidden_act: str = "relu",
                       safetensors: bool = True, # False: pytorch_model.bin, as older releases
+                      version: int = 1,       # 2: Geneformer V2's dictionary, with <cls> and <eos>
                       seed: int = 0,
                      ) -> Path:               # the model folder
-    "A Geneformer V1 with random weights in the peer's own format, built by `transformers` itself: for tests and benchmarks."
+    "A Geneformer with random weights in the peer's own format, built by `transformers` itself: for tests and benchmarks."
     from transformers import BertConfig, BertForMaskedLM
     from transformers.utils import logging as transformers_logging
     from scfoundation.genes import gene_table
@@ -207,7 +215,8 @@ def random_geneformer(folder,                 # where to write: folder/model, an
     folder = Path(folder)
     ensembl = gene_table().set_index("token")["ensembl_ids"].str.split(";").str[0]
     ids = list(dict.fromkeys(ensembl[gene] for gene in genes if isinstance(ensembl.get(gene), str)))
-    tokens = {"<pad>": 0, "<mask>": 1, **{gene: index + 2 for index, gene in enumerate(ids)}}
+    specials = ["<pad>", "<mask>"] + (["<cls>", "<eos>"] if version == 2 else [])
+    tokens = {**{token: index for index, token in enumerate(specials)}, **{gene: index + len(specials) for index, gene in enumerate(ids)}}
     rng = np.random.default_rng(seed)
     (folder / "model").mkdir(parents=True, exist_ok=True)
     (folder / "token_dictionary_random.pkl").write_bytes(pickle.dumps(tokens))
@@ -224,7 +233,7 @@ def random_geneformer(folder,                 # where to write: folder/model, an
         (folder / "model" / "model.safetensors").unlink()
     return folder / "model"
 
-# %% ../nbs/16_published.ipynb #1e0d5d3f
+# %% ../nbs/16_published.ipynb #6957334e
 SCGPT_WEIGHTS = {"attention.out": "self_attn.out_proj", "feed_forward.0": "linear1", "feed_forward.2": "linear2",
                  "attention_norm": "norm1", "feed_forward_norm": "norm2"}
 
@@ -295,7 +304,7 @@ def load_scgpt(folder,                # a scGPT model folder: args.json, best_mo
 
 PUBLISHED_LOADERS["scgpt"] = load_scgpt
 
-# %% ../nbs/16_published.ipynb #31403842
+# %% ../nbs/16_published.ipynb #a25cc3a6
 def scgpt_model_class():
     "scGPT's own `TransformerModel`, its model module imported alone (the package's other imports want torchtext, wandb …)."
     import importlib, importlib.util, sys, types

@@ -343,13 +343,18 @@ class RankValueTokenizer(Tokenizer):
     "Geneformer / GeneCompass: genes ranked by expression relative to their corpus median, highest first."
     name, needs_medians = "rank", True
     def __init__(self, vocab, # a `Vocab` with medians (`vocab.with_medians(compute_gene_medians(...))`)
-                 max_length: int = 2048, # tokens per cell, `<cls>` included; lower-ranked genes are cut
+                 max_length: int = 2048, # tokens per cell, `<cls>` (and the end token) included; lower-ranked genes are cut
+                 end_token: str | None = None, # a vocabulary token written after each cell's genes (Geneformer V2: "<eos>")
                 ):
         super().__init__(vocab, max_length)
         if getattr(vocab, "medians", None) is None:
             raise DataError("Rank-value tokens need per-gene medians, but this vocabulary has no medians: compute them with "
                             "`vocab = vocab.with_medians(compute_gene_medians(corpus, vocab))`.")
-        self.medians = np.asarray(vocab.medians, dtype=np.float64)
+        if end_token is not None and end_token not in vocab.token_to_id:
+            raise DataError(f"end_token={end_token!r} is not in the vocabulary: add it to the vocabulary's genes, or pass end_token=None")
+        self.medians, self.end_token = np.asarray(vocab.medians, dtype=np.float64), end_token
+
+    def config(self) -> dict: return {"max_length": self.max_length, **({"end_token": self.end_token} if self.end_token else {})}
 
     def _tokenize(self, mapped, totals, cell_ids, panel, seed):
         medians = self.medians[mapped.indices]
@@ -359,7 +364,10 @@ class RankValueTokenizer(Tokenizer):
         descending = ~float_bits(mapped.data / medians.astype(np.float32))  # larger ratio, smaller key
         ranked = segment_sort(mapped.indptr, descending, mapped.indices)  # ties: lower token id first
         _, rank = row_positions(mapped.indptr)
-        return with_cls(np.minimum(np.diff(mapped.indptr), self.max_length - 1), ranked[rank < self.max_length - 1])
+        room = self.max_length - 1 - (self.end_token is not None)          # gene tokens per cell
+        lengths, tokens = np.minimum(np.diff(mapped.indptr), room), ranked[rank < room]
+        if self.end_token is None: return with_cls(lengths, tokens)
+        return with_cls(lengths + 1, np.insert(tokens, np.cumsum(lengths), self.vocab.token_to_id[self.end_token]))
 
 # %% ../nbs/03_tokenize.ipynb #fb866e8f
 def quantile_bins(indptr: np.ndarray,        # CSR row pointer

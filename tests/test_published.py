@@ -56,6 +56,27 @@ def test_geneformer_embeddings_equal_the_peers_forward(pbmc, tmp_path, hidden_ac
     torch.testing.assert_close(model.embed(batch), peer_embedding(folder, batch, source_ids_of(tmp_path), layer), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pooling, layer", [("mean", -2), ("cls", -1), ("cls", -2)])
+def test_geneformer_v2_with_cls_and_eos_equals_the_peers_forward(pbmc, tmp_path, pooling, layer):
+    "V2: <cls>, the genes, <eos>; the extractor's mean leaves both out, its cls mode reads <cls>."
+    folder = random_geneformer(tmp_path, list(pbmc.var_names), n_layers=3, max_tokens=200, version=2, seed=4)
+    model = load_geneformer(folder, pooling=pooling, embedding_layer=layer, verbose=False)
+    _, batch = next(iter_batches(pbmc, model.tokenizer, batch_size=40))
+    real = batch["attention_mask"]
+    lengths = real.sum(1)
+    assert lengths.max() == 200 and lengths.min() < 200                  # cut cells (198 genes) and padded ones
+    assert all(model.tokenizer.vocab.names(row[mask])[-1] == "<eos>" for row, mask in zip(batch["input_ids"], real))
+    tokens = read_dictionary(tmp_path / "token_dictionary_random.pkl")
+    source = torch.as_tensor(geneformer_vocab(tokens, read_dictionary(tmp_path / "gene_median_dictionary_random.pkl"))[1])
+    ids = source[(batch["input_ids"] - N_SPECIAL).clamp(min=0)].masked_fill(~real, 0)
+    ids[:, 0] = tokens["<cls>"]
+    bert = BertForMaskedLM.from_pretrained(folder).eval()
+    with torch.no_grad(): hidden = bert(input_ids=ids, attention_mask=real.long(), output_hidden_states=True).hidden_states[layer]
+    genes = real.clone(); genes[:, 0] = False; genes[torch.arange(len(genes)), lengths - 1] = False
+    expected = hidden[:, 0] if pooling == "cls" else (hidden * genes[..., None]).sum(1) / genes.sum(1, keepdim=True)
+    torch.testing.assert_close(model.embed(batch), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_jagged_attention_gives_the_same_geneformer_embedding(pbmc, tmp_path):
     folder = random_geneformer(tmp_path, list(pbmc.var_names), n_layers=2)
     model = load_geneformer(folder, verbose=False)
@@ -102,8 +123,10 @@ def test_bad_folders_and_dictionaries_are_named(pbmc, tmp_path):
     (tmp_path / "token_dictionary_other.pkl").write_bytes((tmp_path / "token_dictionary_random.pkl").read_bytes())
     with pytest.raises(PublishedModelError, match="several token_dictionary files"): load_geneformer(folder)
     v2 = tmp_path / "v2.pkl"
-    v2.write_bytes(pickle.dumps({"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}))
-    with pytest.raises(PublishedModelError, match="Geneformer V2"): load_geneformer(folder, v2, tmp_path / "gene_median_dictionary_random.pkl")
+    v2.write_bytes(pickle.dumps({"<pad>": 0, "<mask>": 1, "<cls>": 2}))
+    with pytest.raises(PublishedModelError, match="no <eos>"): load_geneformer(folder, v2, tmp_path / "gene_median_dictionary_random.pkl")
+    with pytest.raises(PublishedModelError, match="V1 has no <cls>"):
+        load_geneformer(folder, tmp_path / "token_dictionary_random.pkl", tmp_path / "gene_median_dictionary_random.pkl", pooling="cls")
     (folder / "model.safetensors").unlink()
     with pytest.raises(PublishedModelError, match="neither model.safetensors"): load_geneformer(folder, v2)
     (folder / "pytorch_model.bin").write_bytes(b"")
