@@ -129,6 +129,15 @@ def test_api_page_links_each_name():
     assert "## Data" in page and "## X" not in page
 
 
+def test_chapter_subtitles_fit_on_one_line():
+    "nbdev reads a chapter's `> subtitle` from its first line only (the page subtitle, the module docstring): a wrapped one is cut."
+    wrapped = []
+    for notebook in sorted((ROOT / "nbs").glob("*.ipynb")):
+        first = "".join(json.loads(notebook.read_text())["cells"][0]["source"]).splitlines()
+        if sum(line.startswith(">") for line in first) > 1: wrapped.append(notebook.name)
+    assert not wrapped, f"subtitles over several '>' lines (nbdev keeps the first): {wrapped}"
+
+
 def test_every_chapter_has_exercises():
     "Course use: each numbered chapter ends with an Exercises section."
     missing = []
