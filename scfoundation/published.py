@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['PLAIN_NUMPY', 'BERT_ACTIVATIONS', 'PUBLISHED_LOADERS', 'SCGPT_WEIGHTS', 'PublishedModelError', 'PlainUnpickler',
-           'read_dictionary', 'geneformer_vocab', 'geneformer_config', 'geneformer_state', 'read_weights',
-           'find_dictionary', 'load_geneformer', 'published_kind', 'load_model', 'random_geneformer', 'scgpt_config',
-           'scgpt_vocab', 'scgpt_state', 'load_scgpt', 'scgpt_model_class', 'random_scgpt']
+           'read_dictionary', 'match_peer_genes', 'geneformer_vocab', 'geneformer_config', 'gene_rows',
+           'geneformer_state', 'read_weights', 'find_dictionary', 'load_geneformer', 'published_kind', 'load_model',
+           'random_geneformer', 'scgpt_config', 'scgpt_vocab', 'scgpt_state', 'load_scgpt', 'scgpt_model_class',
+           'random_scgpt']
 
-# %% ../nbs/16_published.ipynb #a5ae8d68
+# %% ../nbs/16_published.ipynb #4476d163
 import json
 import pickle
 import warnings
@@ -23,7 +24,7 @@ from .genes import CLS_ID, MASK_ID, N_SPECIAL, PAD_ID, Vocab, match_gene_ids
 from .model import ModelConfig, SCFModel
 from .tokenization import BinningTokenizer, RankValueTokenizer
 
-# %% ../nbs/16_published.ipynb #21f3a043
+# %% ../nbs/16_published.ipynb #bdb9af86
 class PublishedModelError(ValueError):
     "A published checkpoint that cannot be read: the message names the file and the fix."
 
@@ -51,26 +52,32 @@ def read_dictionary(path) -> dict:
         except (pickle.UnpicklingError, EOFError) as error:
             raise PublishedModelError(f"{path} is not a readable pickle ({error}): pass Geneformer's dictionary file") from None
 
-# %% ../nbs/16_published.ipynb #d8d3cb8a
+# %% ../nbs/16_published.ipynb #98306d19
+def match_peer_genes(peer_vocab: dict, # the peer's gene name -> token id, its specials ("<...>") included
+                     id_type: str,     # how the peer names genes: "ensembl" (Geneformer) or "symbol" (scGPT)
+                    ) -> tuple[list[str], list[str], dict]:
+    "The peer's genes the gene table knows: their names there, our tokens for them, and a coverage report."
+    names = [key for key in peer_vocab if not key.startswith("<")]
+    matches = match_gene_ids(names, id_type=id_type)
+    found = matches["token"].notna().to_numpy()
+    first = found & ~matches["token"].duplicated().to_numpy()          # two names for one gene: the first one's vector
+    report = {"genes": len(names), "in the gene table": int(first.sum()), "unknown to the gene table": int((~found).sum()),
+              "second names of one gene": int((found & ~first).sum())}
+    return matches["input_id"][first].tolist(), matches["token"][first].tolist(), report
+
 def geneformer_vocab(token_dictionary: dict, # Geneformer's: Ensembl ID -> token id, specials included
                      gene_medians: dict,     # Geneformer's: Ensembl ID -> median
                     ) -> tuple[Vocab, np.ndarray, dict]:
     "Our vocabulary of the genes the gene table knows, with their medians (then `<eos>`, for V2); each one's Geneformer id; a coverage report."
-    ensembl = [key for key in token_dictionary if not key.startswith("<")]
-    matches = match_gene_ids(ensembl, id_type="ensembl")
-    found = matches["token"].notna().to_numpy()
-    first = found & ~matches["token"].duplicated().to_numpy()          # two IDs for one gene: the first one's vector
-    ids = matches["input_id"][first].tolist()
+    ids, tokens, report = match_peer_genes(token_dictionary, "ensembl")
     medians = np.array([gene_medians.get(gene, np.nan) for gene in ids], dtype=np.float64)
-    tokens = matches["token"][first].tolist()
+    report["without a median"] = int(np.isnan(medians).sum())
     if "<eos>" in token_dictionary:   # V2: the end token, never read from data (no median)
         ids, tokens, medians = ids + ["<eos>"], tokens + ["<eos>"], np.append(medians, np.nan)
     vocab = Vocab.from_genes(tokens, medians=medians)
-    report = {"genes": len(ensembl), "in the gene table": int(first.sum()), "unknown to the gene table": int((~found).sum()),
-              "second IDs of one gene": int((found & ~first).sum()), "without a median": int(np.isnan(medians[:int(first.sum())]).sum())}
     return vocab, np.array([token_dictionary[gene] for gene in ids], dtype=np.int64), report
 
-# %% ../nbs/16_published.ipynb #4d6151fe
+# %% ../nbs/16_published.ipynb #85499651
 BERT_ACTIVATIONS = {"relu": "relu", "gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 
 def geneformer_config(bert: dict,            # the model folder's config.json
@@ -94,7 +101,7 @@ def geneformer_config(bert: dict,            # the model folder's config.json
                        norm="post", norm_eps=bert.get("layer_norm_eps", 1e-12), final_norm=False, embedding_norm="sum",
                        cls_token=version == 2, end_token=version == 2, pooling=pooling, embedding_layer=embedding_layer)
 
-# %% ../nbs/16_published.ipynb #fce6ffd6
+# %% ../nbs/16_published.ipynb #20952a57
 def _bert_layer(weights: dict, index: int) -> dict:
     "One BERT layer's weights under our block's names."
     source = lambda name: weights[f"encoder.layer.{index}.{name}"]
@@ -106,6 +113,17 @@ def _bert_layer(weights: dict, index: int) -> dict:
         for kind in ("weight", "bias"): renamed[f"{ours}.{kind}"] = source(f"{theirs}.{kind}")
     return {f"encoder.blocks.{index}.{name}": tensor for name, tensor in renamed.items()}
 
+def gene_rows(word: torch.Tensor,         # the peer's (its vocabulary, d) token embeddings
+              vocab_size: int,            # ours
+              source_ids: np.ndarray,     # the peer's token id of each of our genes, in our order
+              specials: dict,             # our special id -> the peer's token id, for the specials both have
+             ) -> torch.Tensor:           # (vocab_size, d), our order
+    "The peer's token embeddings in our vocabulary's order; a special only ours has keeps a zero row."
+    rows = word.new_zeros(vocab_size, word.shape[1])
+    rows[N_SPECIAL:] = word[torch.as_tensor(source_ids)]
+    for ours, theirs in specials.items(): rows[ours] = word[theirs]
+    return rows
+
 def geneformer_state(weights: dict,           # the BERT state dict (with or without the `bert.` prefix)
                      config: ModelConfig,     # from `geneformer_config`
                      source_ids: np.ndarray,  # each of our genes' Geneformer token id (from `geneformer_vocab`)
@@ -113,11 +131,8 @@ def geneformer_state(weights: dict,           # the BERT state dict (with or wit
                     ) -> dict:
     "Our model's encoder and embedding weights from a Geneformer BERT (no head)."
     weights = {name.removeprefix("bert."): tensor.float() for name, tensor in weights.items()}
-    word = weights["embeddings.word_embeddings.weight"]
-    gene = word.new_zeros(config.vocab_size, config.d_model)
-    gene[N_SPECIAL:] = word[torch.as_tensor(source_ids)]
-    gene[PAD_ID], gene[MASK_ID] = word[specials["<pad>"]], word[specials["<mask>"]]
-    if config.cls_token: gene[CLS_ID] = word[specials["<cls>"]]
+    shared = {PAD_ID: specials["<pad>"], MASK_ID: specials["<mask>"], **({CLS_ID: specials["<cls>"]} if config.cls_token else {})}
+    gene = gene_rows(weights["embeddings.word_embeddings.weight"], config.vocab_size, source_ids, shared)
     positions = weights["embeddings.position_embeddings.weight"] + weights["embeddings.token_type_embeddings.weight"][0]
     if not config.cls_token: positions = torch.cat([positions[:1], positions])   # V1: column 0 (<cls>) is never seen
     state = {"embedding.gene.weight": gene, "embedding.expression.position.weight": positions,
@@ -125,7 +140,7 @@ def geneformer_state(weights: dict,           # the BERT state dict (with or wit
     for index in range(config.n_layers): state.update(_bert_layer(weights, index))
     return state
 
-# %% ../nbs/16_published.ipynb #df500f91
+# %% ../nbs/16_published.ipynb #14e0a7f5
 def read_weights(folder: Path) -> dict:
     "A Hugging Face folder's weights: model.safetensors, else pytorch_model.bin read with weights_only=True."
     from safetensors.torch import load_file
@@ -171,7 +186,7 @@ def load_geneformer(folder,                    # a Geneformer model folder (conf
     model.tokenizer = tokenizer
     return model.eval()
 
-# %% ../nbs/16_published.ipynb #5d55ddea
+# %% ../nbs/16_published.ipynb #770a7469
 PUBLISHED_LOADERS = {"geneformer": load_geneformer}
 
 def published_kind(spec) -> tuple[str, Path] | None:
@@ -197,7 +212,7 @@ def load_model(spec, # our model folder, `geneformer:DIR`, or a published model'
         return PUBLISHED_LOADERS[kind](folder)
     return SCFModel.from_pretrained(spec)
 
-# %% ../nbs/16_published.ipynb #f47e5f67
+# %% ../nbs/16_published.ipynb #0bba7be7
 def random_geneformer(folder,                 # where to write: folder/model, and the two dictionaries beside it
                       genes: list[str],       # gene tokens of the gene table (e.g. an AnnData's var_names)
                       n_layers: int = 3, d_model: int = 64, n_heads: int = 4, d_ff: int = 128,
@@ -233,7 +248,7 @@ def random_geneformer(folder,                 # where to write: folder/model, an
         (folder / "model" / "model.safetensors").unlink()
     return folder / "model"
 
-# %% ../nbs/16_published.ipynb #6957334e
+# %% ../nbs/16_published.ipynb #ba8197d6
 SCGPT_WEIGHTS = {"attention.out": "self_attn.out_proj", "feed_forward.0": "linear1", "feed_forward.2": "linear2",
                  "attention_norm": "norm1", "feed_forward_norm": "norm2"}
 
@@ -253,23 +268,14 @@ def scgpt_config(args: dict, vocab_size: int) -> ModelConfig:
 
 def scgpt_vocab(vocab: dict) -> tuple[Vocab, np.ndarray, dict]:
     "Our vocabulary of scGPT's genes that the gene table knows, each one's scGPT token id, and a coverage report."
-    symbols = [key for key in vocab if not key.startswith("<")]
-    matches = match_gene_ids(symbols, id_type="symbol")
-    found = matches["token"].notna().to_numpy()
-    first = found & ~matches["token"].duplicated().to_numpy()
-    report = {"genes": len(symbols), "in the gene table": int(first.sum()), "unknown to the gene table": int((~found).sum()),
-              "second names of one gene": int((found & ~first).sum())}
-    source = np.array([vocab[gene] for gene in matches["input_id"][first]], dtype=np.int64)
-    return Vocab.from_genes(matches["token"][first].tolist()), source, report
+    symbols, tokens, report = match_peer_genes(vocab, "symbol")
+    return Vocab.from_genes(tokens), np.array([vocab[gene] for gene in symbols], dtype=np.int64), report
 
 def scgpt_state(weights: dict, config: ModelConfig, source_ids: np.ndarray, specials: dict) -> dict:
     "Our model's encoder and embedding weights from a scGPT state dict (its decoders are not carried over)."
     weights = {name.removeprefix("module."): tensor.float() for name, tensor in weights.items()}
-    word = weights["encoder.embedding.weight"]
-    gene = word.new_zeros(config.vocab_size, config.d_model)
-    gene[N_SPECIAL:] = word[torch.as_tensor(source_ids)]
-    gene[CLS_ID], gene[PAD_ID] = word[specials["<cls>"]], word[specials["<pad>"]]
-    state = {"embedding.gene.weight": gene}
+    shared = {CLS_ID: specials["<cls>"], PAD_ID: specials["<pad>"]}
+    state = {"embedding.gene.weight": gene_rows(weights["encoder.embedding.weight"], config.vocab_size, source_ids, shared)}
     for ours, theirs in (("gene_norm", "encoder.enc_norm"), ("expression.mlp.0", "value_encoder.linear1"),
                          ("expression.mlp.2", "value_encoder.linear2"), ("expression_norm", "value_encoder.norm")):
         for kind in ("weight", "bias"): state[f"embedding.{ours}.{kind}"] = weights[f"{theirs}.{kind}"]
@@ -304,7 +310,7 @@ def load_scgpt(folder,                # a scGPT model folder: args.json, best_mo
 
 PUBLISHED_LOADERS["scgpt"] = load_scgpt
 
-# %% ../nbs/16_published.ipynb #a25cc3a6
+# %% ../nbs/16_published.ipynb #e6426e03
 def scgpt_model_class():
     "scGPT's own `TransformerModel`, its model module imported alone (the package's other imports want torchtext, wandb …)."
     import importlib, importlib.util, sys, types
