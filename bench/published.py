@@ -31,8 +31,8 @@ import torch
 
 from scfoundation.data import load_pbmc68k
 from scfoundation.evaluate import iter_batches
-from scfoundation.genes import N_SPECIAL, gene_table, map_genes
-from scfoundation.published import geneformer_vocab, load_geneformer, random_geneformer, read_dictionary
+from scfoundation.genes import gene_table, map_genes
+from scfoundation.published import geneformer_inputs, geneformer_vocab, load_geneformer, random_geneformer, read_dictionary
 
 
 GENEFORMER_GENES = 25_424   # Geneformer-6L's token dictionary: 25,426 entries with <pad> and <mask>
@@ -70,11 +70,7 @@ def main():
     tokens = read_dictionary(root / "token_dictionary_random.pkl")
     source_ids = torch.as_tensor(geneformer_vocab(tokens, read_dictionary(root / "gene_median_dictionary_random.pkl"))[1])
     batches = [batch for _, batch in iter_batches(cells, ours.tokenizer, batch_size=args.batch_size)]
-    peer_batches = []
-    for batch in batches:   # the same cells in Geneformer's ids (V1: no <cls>)
-        mask = batch["attention_mask"][:, 1:]
-        ids = source_ids[batch["input_ids"][:, 1:].clamp(min=N_SPECIAL) - N_SPECIAL].masked_fill(~mask, 0)
-        peer_batches.append((ids, mask))
+    peer_batches = [geneformer_inputs(batch, source_ids, tokens) for batch in batches]   # the same cells in Geneformer's ids
 
     def run_peer():
         out = []
@@ -104,26 +100,20 @@ def main():
 def scgpt_speed(args, cells):
     "scGPT's encode_batch against load_scgpt + embed, same weights, same cells (its whole-human shape)."
     import contextlib, io
-    from scfoundation.published import load_scgpt, random_scgpt, scgpt_model_class, scgpt_vocab
+    from scfoundation.published import load_scgpt, random_scgpt, scgpt_inputs, scgpt_model_class, scgpt_vocab
     import json
     n_cells = min(args.cells, args.scgpt_cells)
     cells = cells[:n_cells]
     genes = list(load_pbmc68k().var_names)
     folder = random_scgpt(Path(tempfile.mkdtemp()) / "scgpt", genes, n_layers=12, d_model=512, n_heads=8, d_ff=512, max_len=1200)
     ours = load_scgpt(folder, verbose=False)
-    vocab, config = json.loads((folder / "vocab.json").read_text()), json.loads((folder / "args.json").read_text())
+    vocab = json.loads((folder / "vocab.json").read_text())
     peer = scgpt_model_class()(len(vocab), 512, 8, 512, 12, vocab=vocab, dropout=0.0, pad_token="<pad>", pad_value=-2,
                                input_emb_style="continuous", cell_emb_style="cls")
     peer.load_state_dict(torch.load(folder / "best_model.pt", weights_only=True)); peer.eval()
     source = torch.as_tensor(scgpt_vocab(vocab)[1])
     batches = [batch for _, batch in iter_batches(cells, ours.tokenizer, batch_size=args.batch_size)]
-    peer_batches = []
-    for batch in batches:   # scGPT's conventions: its gene ids, bins one lower, its pad value at <cls> and on padding
-        real = batch["attention_mask"]
-        ids = source[batch["input_ids"].clamp(min=N_SPECIAL) - N_SPECIAL]
-        ids[:, 0] = vocab["<cls>"]
-        values = (batch["value_ids"] - 1).float().masked_fill(~real, -2.0); values[:, 0] = -2.0
-        peer_batches.append((ids.masked_fill(~real, vocab["<pad>"]), values, ~real))
+    peer_batches = [scgpt_inputs(batch, source, vocab) for batch in batches]   # scGPT's conventions for the same cells
 
     def run_peer():
         with torch.inference_mode(), contextlib.redirect_stderr(io.StringIO()):

@@ -6,10 +6,10 @@
 __all__ = ['PLAIN_NUMPY', 'BERT_ACTIVATIONS', 'PUBLISHED_LOADERS', 'SCGPT_WEIGHTS', 'PublishedModelError', 'PlainUnpickler',
            'read_dictionary', 'match_peer_genes', 'geneformer_vocab', 'geneformer_config', 'gene_rows',
            'geneformer_state', 'read_weights', 'find_dictionary', 'load_geneformer', 'published_kind', 'load_model',
-           'random_geneformer', 'scgpt_config', 'scgpt_vocab', 'scgpt_state', 'load_scgpt', 'scgpt_model_class',
-           'random_scgpt']
+           'geneformer_inputs', 'scgpt_inputs', 'random_geneformer', 'scgpt_config', 'scgpt_vocab', 'scgpt_state',
+           'load_scgpt', 'scgpt_model_class', 'random_scgpt']
 
-# %% ../nbs/16_published.ipynb #4476d163
+# %% ../nbs/16_published.ipynb #b6356c74
 import json
 import pickle
 import warnings
@@ -21,10 +21,10 @@ import pandas as pd
 import torch
 
 from .genes import CLS_ID, MASK_ID, N_SPECIAL, PAD_ID, Vocab, match_gene_ids
-from .model import ModelConfig, SCFModel
+from .model import ModelConfig, SCFModel, _load_weights
 from .tokenization import BinningTokenizer, RankValueTokenizer
 
-# %% ../nbs/16_published.ipynb #bdb9af86
+# %% ../nbs/16_published.ipynb #1824d89e
 class PublishedModelError(ValueError):
     "A published checkpoint that cannot be read: the message names the file and the fix."
 
@@ -52,7 +52,7 @@ def read_dictionary(path) -> dict:
         except (pickle.UnpicklingError, EOFError) as error:
             raise PublishedModelError(f"{path} is not a readable pickle ({error}): pass Geneformer's dictionary file") from None
 
-# %% ../nbs/16_published.ipynb #98306d19
+# %% ../nbs/16_published.ipynb #e11c5369
 def match_peer_genes(peer_vocab: dict, # the peer's gene name -> token id, its specials ("<...>") included
                      id_type: str,     # how the peer names genes: "ensembl" (Geneformer) or "symbol" (scGPT)
                     ) -> tuple[list[str], list[str], dict]:
@@ -77,7 +77,7 @@ def geneformer_vocab(token_dictionary: dict, # Geneformer's: Ensembl ID -> token
     vocab = Vocab.from_genes(tokens, medians=medians)
     return vocab, np.array([token_dictionary[gene] for gene in ids], dtype=np.int64), report
 
-# %% ../nbs/16_published.ipynb #85499651
+# %% ../nbs/16_published.ipynb #feaad598
 BERT_ACTIVATIONS = {"relu": "relu", "gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 
 def geneformer_config(bert: dict,            # the model folder's config.json
@@ -101,7 +101,7 @@ def geneformer_config(bert: dict,            # the model folder's config.json
                        norm="post", norm_eps=bert.get("layer_norm_eps", 1e-12), final_norm=False, embedding_norm="sum",
                        cls_token=version == 2, end_token=version == 2, pooling=pooling, embedding_layer=embedding_layer)
 
-# %% ../nbs/16_published.ipynb #20952a57
+# %% ../nbs/16_published.ipynb #352690de
 def _bert_layer(weights: dict, index: int) -> dict:
     "One BERT layer's weights under our block's names."
     source = lambda name: weights[f"encoder.layer.{index}.{name}"]
@@ -140,11 +140,10 @@ def geneformer_state(weights: dict,           # the BERT state dict (with or wit
     for index in range(config.n_layers): state.update(_bert_layer(weights, index))
     return state
 
-# %% ../nbs/16_published.ipynb #14e0a7f5
+# %% ../nbs/16_published.ipynb #1e3a252b
 def read_weights(folder: Path) -> dict:
     "A Hugging Face folder's weights: model.safetensors, else pytorch_model.bin read with weights_only=True."
-    from safetensors.torch import load_file
-    if (folder / "model.safetensors").is_file(): return load_file(str(folder / "model.safetensors"))
+    if (folder / "model.safetensors").is_file(): return _load_weights(folder / "model.safetensors")
     if (folder / "pytorch_model.bin").is_file():
         try: return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
@@ -186,7 +185,7 @@ def load_geneformer(folder,                    # a Geneformer model folder (conf
     model.tokenizer = tokenizer
     return model.eval()
 
-# %% ../nbs/16_published.ipynb #770a7469
+# %% ../nbs/16_published.ipynb #07c9dc33
 PUBLISHED_LOADERS = {"geneformer": load_geneformer}
 
 def published_kind(spec) -> tuple[str, Path] | None:
@@ -212,7 +211,32 @@ def load_model(spec, # our model folder, `geneformer:DIR`, or a published model'
         return PUBLISHED_LOADERS[kind](folder)
     return SCFModel.from_pretrained(spec)
 
-# %% ../nbs/16_published.ipynb #0bba7be7
+# %% ../nbs/16_published.ipynb #f4178205
+def geneformer_inputs(batch: dict,           # a `collate` batch from the loaded model's tokenizer
+                      source_ids: np.ndarray, # Geneformer's id of each of our genes (from `geneformer_vocab`)
+                      specials: dict,        # Geneformer's token dictionary (its `<pad>`, and V2's `<cls>`)
+                     ) -> tuple[torch.Tensor, torch.Tensor]: # input_ids, attention_mask for `BertForMaskedLM`
+    "Our batch in Geneformer's ids: V1 without the `<cls>` column, V2 with Geneformer's `<cls>` in it."
+    real = batch["attention_mask"]
+    ids = torch.as_tensor(source_ids)[(batch["input_ids"] - N_SPECIAL).clamp(min=0)]
+    if "<cls>" in specials: ids[:, 0] = specials["<cls>"]
+    else: ids, real = ids[:, 1:], real[:, 1:]
+    return ids.masked_fill(~real, specials["<pad>"]), real
+
+def scgpt_inputs(batch: dict,            # a `collate` batch from the loaded model's tokenizer
+                 source_ids: np.ndarray, # scGPT's id of each of our genes (from `scgpt_vocab`)
+                 vocab: dict,            # scGPT's vocab.json (its `<cls>` and `<pad>`)
+                 pad_value: float = -2.0, # scGPT's pad value (args.json), also carried by `<cls>`
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: # genes, values, padding mask for `encode_batch`
+    "Our batch in scGPT's conventions: its ids, bin numbers one lower, its pad value at `<cls>` and on padding."
+    real = batch["attention_mask"]
+    genes = torch.as_tensor(source_ids)[(batch["input_ids"] - N_SPECIAL).clamp(min=0)]
+    genes[:, 0] = vocab["<cls>"]
+    values = (batch["value_ids"] - 1).float().masked_fill(~real, pad_value)
+    values[:, 0] = pad_value
+    return genes.masked_fill(~real, vocab["<pad>"]), values, ~real
+
+# %% ../nbs/16_published.ipynb #54ea07d3
 def random_geneformer(folder,                 # where to write: folder/model, and the two dictionaries beside it
                       genes: list[str],       # gene tokens of the gene table (e.g. an AnnData's var_names)
                       n_layers: int = 3, d_model: int = 64, n_heads: int = 4, d_ff: int = 128,
@@ -248,7 +272,7 @@ def random_geneformer(folder,                 # where to write: folder/model, an
         (folder / "model" / "model.safetensors").unlink()
     return folder / "model"
 
-# %% ../nbs/16_published.ipynb #ba8197d6
+# %% ../nbs/16_published.ipynb #c066f05d
 SCGPT_WEIGHTS = {"attention.out": "self_attn.out_proj", "feed_forward.0": "linear1", "feed_forward.2": "linear2",
                  "attention_norm": "norm1", "feed_forward_norm": "norm2"}
 
@@ -310,7 +334,7 @@ def load_scgpt(folder,                # a scGPT model folder: args.json, best_mo
 
 PUBLISHED_LOADERS["scgpt"] = load_scgpt
 
-# %% ../nbs/16_published.ipynb #e6426e03
+# %% ../nbs/16_published.ipynb #28a4d19a
 def scgpt_model_class():
     "scGPT's own `TransformerModel`, its model module imported alone (the package's other imports want torchtext, wandb …)."
     import importlib, importlib.util, sys, types

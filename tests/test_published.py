@@ -17,10 +17,10 @@ from transformers import BertForMaskedLM
 
 from scfoundation.data import load_pbmc68k
 from scfoundation.evaluate import iter_batches
-from scfoundation.genes import N_SPECIAL, map_genes
+from scfoundation.genes import map_genes
 from scfoundation.model import SCFModel
-from scfoundation.published import (PublishedModelError, geneformer_vocab, load_geneformer, load_model, published_kind,
-                                    random_geneformer, read_dictionary)
+from scfoundation.published import (PublishedModelError, geneformer_inputs, geneformer_vocab, load_geneformer, load_model,
+                                    published_kind, random_geneformer, read_dictionary, scgpt_inputs)
 
 torch.set_num_threads(1)
 
@@ -33,8 +33,7 @@ def pbmc():
 def peer_embedding(folder, batch, source_ids, layer=-2):
     "Geneformer's extractor on our tokens: the BERT forward, the mean over each cell's tokens of hidden_states[layer]."
     bert = BertForMaskedLM.from_pretrained(folder).eval()
-    mask = batch["attention_mask"][:, 1:]
-    ids = torch.as_tensor(source_ids)[batch["input_ids"][:, 1:].clamp(min=N_SPECIAL) - N_SPECIAL].masked_fill(~mask, 0)
+    ids, mask = geneformer_inputs(batch, source_ids, read_dictionary(folder.parent / "token_dictionary_random.pkl"))
     with torch.no_grad():
         hidden = bert(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states[layer]
     return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
@@ -68,8 +67,7 @@ def test_geneformer_v2_with_cls_and_eos_equals_the_peers_forward(pbmc, tmp_path,
     assert all(model.tokenizer.vocab.names(row[mask])[-1] == "<eos>" for row, mask in zip(batch["input_ids"], real))
     tokens = read_dictionary(tmp_path / "token_dictionary_random.pkl")
     source = torch.as_tensor(geneformer_vocab(tokens, read_dictionary(tmp_path / "gene_median_dictionary_random.pkl"))[1])
-    ids = source[(batch["input_ids"] - N_SPECIAL).clamp(min=0)].masked_fill(~real, 0)
-    ids[:, 0] = tokens["<cls>"]
+    ids, _ = geneformer_inputs(batch, source, tokens)
     bert = BertForMaskedLM.from_pretrained(folder).eval()
     with torch.no_grad(): hidden = bert(input_ids=ids, attention_mask=real.long(), output_hidden_states=True).hidden_states[layer]
     genes = real.clone(); genes[:, 0] = False; genes[torch.arange(len(genes)), lengths - 1] = False
@@ -170,13 +168,9 @@ def scgpt_peer(folder, batch, source_ids):
     peer = scgpt_model_class()(len(vocab), args["embsize"], args["nheads"], args["d_hid"], args["nlayers"], vocab=vocab, dropout=0.0,
                                pad_token="<pad>", pad_value=-2, input_emb_style="continuous", cell_emb_style="cls")
     peer.load_state_dict(torch.load(folder / "best_model.pt", weights_only=True)); peer.eval()
-    real = batch["attention_mask"]
-    genes = torch.as_tensor(source_ids)[batch["input_ids"].clamp(min=N_SPECIAL) - N_SPECIAL]
-    genes[:, 0] = vocab["<cls>"]
-    values = (batch["value_ids"] - 1).float().masked_fill(~real, -2.0)
-    values[:, 0] = -2.0
+    genes, values, padding = scgpt_inputs(batch, source_ids, vocab)
     with torch.no_grad():
-        return peer.encode_batch(genes.masked_fill(~real, vocab["<pad>"]), values, ~real, batch_size=len(genes), time_step=0, return_np=False)
+        return peer.encode_batch(genes, values, padding, batch_size=len(genes), time_step=0, return_np=False)
 
 
 @needs_scgpt
