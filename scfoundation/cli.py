@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +27,7 @@ DEFAULT_DATA = "pbmc68k"  # the name that stands for the built-in data wherever 
 # %% auto #0
 __all__ = ['DEFAULT_DATA', 'TASKS', 'FINE_TUNE_MODES', 'prepare', 'load_cells', 'write_cells', 'pretrain_command',
            'embed_command', 'evaluate_command', 'annotation_command', 'perturbation_command', 'insilico_command',
-           'grn_command', 'simulate_command', 'demo', 'main']
+           'grn_command', 'simulate_command', 'demo', 'book_folder', 'book_command', 'main']
 
 # %% ../nbs/15_cli.ipynb #ea0fc6c3
 def _read_source(source):
@@ -316,6 +319,31 @@ def demo(out_dir: str | Path = "results", # where figures, tables and the model 
     print(f"demo finished in {time.time() - start:.0f}s; outputs in {out}/")
     return table
 
+# %% ../nbs/15_cli.ipynb #8a7a8209
+def book_folder(folder: str | Path | None = None, # a folder of notebooks; None: nbs/ of the clone this package is installed from
+               ) -> Path:
+    "The notebooks `scf book` opens, or an error saying where the book's notebooks are."
+    nbs = Path(folder) if folder is not None else Path(data.__file__).resolve().parents[1] / "nbs"
+    if not nbs.is_dir() or not any(nbs.glob("*.ipynb")):
+        where = f"{nbs} has no notebooks" if nbs.is_dir() else f"{nbs} does not exist"
+        raise data.DataError(f"{where}: the book's notebooks come with the repository. Clone it, install it with "
+                             "`bash tools/setup.sh` (or `pip install -e '.[dev]'`), or name a notebook folder: scf book FOLDER.")
+    return nbs.resolve()
+
+
+def book_command(folder: str | Path | None = None, # notebooks to open (see `book_folder`)
+                 port: int | None = None, # JupyterLab's port (None: its default, 8888, or the next free one)
+                 open_browser: bool = True, # False: print the address instead of opening a browser
+                ) -> list[str]:
+    "The command that starts JupyterLab on the book with this Python as its kernel."
+    if importlib.util.find_spec("jupyterlab") is None:
+        raise data.DataError("JupyterLab is not installed in this environment: run `bash tools/setup.sh` or `pip install -e '.[dev]'`.")
+    command = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={book_folder(folder)}"]
+    if port is not None: command.append(f"--ServerApp.port={port}")
+    if not open_browser: command.append("--no-browser")
+    if hasattr(os, "geteuid") and os.geteuid() == 0: command.append("--allow-root")   # containers and CI run as root
+    return command
+
 # %% ../nbs/15_cli.ipynb #1fb155a3
 def _preparing_options() -> argparse.ArgumentParser:
     "How cells are prepared: `scf prepare`, and every command given cells `scf prepare` did not write."
@@ -415,6 +443,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="results", help="folder for figures and tables (default: results)")
     d.add_argument("--steps", type=int, default=200, help="pretraining steps (default 200)")
     d.set_defaults(output_folders=["out"])
+    b = sub.add_parser("book", help="open the book: JupyterLab on the notebooks, with this environment as the kernel",
+                       description="Start JupyterLab on the book's notebooks (nbs/ of the clone this package is installed "
+                                   "from, or FOLDER), running them with this environment's Python. Stop it with Ctrl-C.")
+    b.add_argument("folder", nargs="?", help="a folder of notebooks (default: the book's nbs/)")
+    b.add_argument("--port", type=int, help="JupyterLab's port (default 8888, or the next free one)")
+    b.add_argument("--no-browser", action="store_true", help="print the address instead of opening a browser")
     return parser
 
 # %% ../nbs/15_cli.ipynb #bd8bf88a
@@ -558,6 +592,9 @@ def _run(args):
               f"({manifest['build']['shards_built']} built, {manifest['build']['shards_reused']} reused)")
     elif args.command == "demo":
         demo(args.out, steps=args.steps)
+    elif args.command == "book":
+        try: return subprocess.call(book_command(args.folder, port=args.port, open_browser=not args.no_browser))
+        except KeyboardInterrupt: return 130    # Ctrl-C: JupyterLab (same terminal) shuts itself down
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -567,9 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     shown_as, warnings.formatwarning = warnings.formatwarning, _one_line
     try:
         _check_outputs(args)
-        _run(args)
+        code = _run(args)
     except _user_errors() as error:
         print(f"scf {args.command}: error: {_as_flags(str(error), _options_of(parser, args.command))}", file=sys.stderr)
         return 2
     finally: warnings.formatwarning = shown_as        # main called from Python leaves warnings as they were
-    return 0
+    return code or 0

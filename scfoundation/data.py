@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -588,13 +590,26 @@ def filter_cells(adata: ad.AnnData, # counts in X, in memory or backed
     return transform_rows(adata.X, select, obs, adata.var, dict(adata.uns), dict(adata.obsm), out=out, chunk_size=chunk_size)
 
 # %% ../nbs/01_data.ipynb #5ba24f7b
+def _figure_png(fig) -> bytes:
+    "The figure as PNG bytes, cropped as Jupyter's inline backend crops it."
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+@functools.cache
+def _shown_figure_class():
+    "A matplotlib Figure that Jupyter shows as a picture even where pyplot (and so its inline backend) was never imported."
+    from matplotlib.figure import Figure
+    return type("ShownFigure", (Figure,), {"_repr_png_": _figure_png, "__module__": __name__})
+
+
 def new_figure(ncols: int = 1, nrows: int = 1, # the grid of axes
                figsize: tuple = (6, 4),          # inches
                squeeze: bool = True,             # as matplotlib's `subplots`
                **subplot_kw):
     "(figure, axes) that pyplot does not manage: Jupyter shows a returned figure once, a script saves it with `fig.savefig`."
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=figsize)
+    fig = _shown_figure_class()(figsize=figsize)
     return fig, fig.subplots(nrows, ncols, squeeze=squeeze, subplot_kw=subplot_kw or None)
 
 
