@@ -151,7 +151,8 @@ class CellTypeClassifier(nn.Module):
         self.standardise = nn.BatchNorm1d(width, affine=False)  # batch statistics while training, stored ones after
         self.head = nn.Linear(width, len(self.classes))
 
-    def standardise_with(self, embeddings: torch.Tensor): # (cells × d) embeddings of the training cells
+    def standardise_with(self, embeddings: torch.Tensor,  # (cells × d) embeddings of the training cells
+                        ):
         "Store the mean and variance of the training cells' embeddings as the standardisation."
         self.standardise.running_mean.copy_(embeddings.mean(dim=0))
         self.standardise.running_var.copy_(embeddings.var(dim=0))

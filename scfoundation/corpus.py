@@ -360,7 +360,8 @@ class Corpus:
 
     def tokenize(self, cells: np.ndarray,  # global cell indices (any order; tokenized in ascending order)
                  tokenizer,                # any tokenizer of `scfoundation.tokenization` (built on `self.vocab`)
-                 seed: int = 0):           # sampling seed, as `Tokenizer.tokenize`
+                 seed: int = 0,  # sampling seed, as `Tokenizer.tokenize`
+                ):
         "`TokenizedCells` of `cells` in ascending order: the same tokens `CellDataset` gives on the source file."
         from scfoundation.tokenization import TokenizedCells
         tokenizer.vocab.check_compatible(self.vocab.gene_version)  # token ids: the genes must match, medians may differ
@@ -376,7 +377,8 @@ class Corpus:
                        for name, digest in shard["files"].items())]
 
     def gene_medians(self, max_cells: int | None = 1_000_000, # medians from whole shards holding this many cells (None: all)
-                     rank: int = 0) -> np.ndarray:            # only rank 0 computes (and caches) them
+                     rank: int = 0,  # only rank 0 computes (and caches) them
+                    ) -> np.ndarray:
         "Per-token medians for rank-value tokens, computed once and cached in the corpus folder as `gene_medians.npy`."
         cache = self.path / "gene_medians.npy"
         if rank == 0 and not cache.is_file():
@@ -545,7 +547,8 @@ class CorpusBatches:
     "This process's micro-batches streamed from a corpus, for `train.pretrain`; its position is the stream's."
     source = "corpus"
     def __init__(self, corpus: Corpus, tokenizer, train_config, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 16_384):  # see `CorpusDataset`
+                 shuffle_buffer: int = 16_384,  # see `CorpusDataset`
+                ):
         micro = train_config.batch_size // train_config.grad_accum
         if micro % world_size:
             raise CorpusError(f"batch_size // grad_accum = {micro} cells do not split over {world_size} processes: use a multiple of {world_size}.")

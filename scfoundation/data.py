@@ -443,7 +443,8 @@ def _categorical_strings(obs: pd.DataFrame, var: pd.DataFrame) -> tuple[pd.DataF
 class H5adWriter:
     "An `.h5ad` written block by block: `append` rows of X, then `close` with obs, var, uns, obsm; it appears whole or not at all."
     def __init__(self, path,      # the `.h5ad` to write (replaced only when `close` succeeds)
-                 n_vars: int):    # columns of X
+                 n_vars: int,  # columns of X
+                ):
         self.path = Path(path)
         if self.path.is_dir(): raise DataError(f"{self.path} is a folder: pass the path of the .h5ad file to write.")
         self.temp = temp_path(self.path)
@@ -452,7 +453,8 @@ class H5adWriter:
         write_elem(self.handle, "X", sp.csr_matrix((0, n_vars), dtype=np.float32), dataset_kwargs={"chunks": (1 << 16,)})
         self.matrix, self.n_rows = sparse_dataset(self.handle["X"]), 0
 
-    def append(self, rows):  # a block of rows (CSR, or anything `sp.csr_matrix` takes)
+    def append(self, rows,  # a block of rows (CSR, or anything `sp.csr_matrix` takes)
+              ):
         "Append a block of rows to X."
         if rows.shape[0]: self.matrix.append(sp.csr_matrix(rows, dtype=np.float32)); self.n_rows += rows.shape[0]
 
@@ -691,14 +693,16 @@ class Config:
         "The settings as plain JSON types (tuples become lists)."
         return json.loads(json.dumps(dataclasses.asdict(self), default=_plain))
 
-    def to_json(self, path: str | Path | None = None) -> str: # also write the JSON to this file
+    def to_json(self, path: str | Path | None = None,  # also write the JSON to this file
+               ) -> str:
         "The settings as JSON text; written to `path` when given."
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None: Path(path).write_text(text)
         return text
 
     @classmethod
-    def from_dict(cls, values: dict): # as `to_dict` wrote it (also after an `.h5ad` round trip)
+    def from_dict(cls, values: dict,  # as `to_dict` wrote it (also after an `.h5ad` round trip)
+                 ):
         "Rebuild from a dict; a key that is not a field is an error naming the fields."
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
@@ -708,7 +712,8 @@ class Config:
         return cls(**{name: _plain(value) for name, value in values.items()})
 
     @classmethod
-    def from_json(cls, source: str | Path): # JSON text, or the path of a JSON file
+    def from_json(cls, source: str | Path,  # JSON text, or the path of a JSON file
+                 ):
         "Read settings written by `to_json`."
         text = str(source)
         if not text.lstrip().startswith("{"): text = Path(source).read_text()

@@ -84,6 +84,8 @@ def check(id,      # the exercise, e.g. "03.3"
     found = _find(id)
     try: status, why = found.judge(answer)
     except _Refused as refused: status, why = "wrong", str(refused)
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as error:  # an answer of another form
+        status, why = "wrong", f"the answer could not be read as {found.asks} ({type(error).__name__}: {error})"
     return Verdict(found.id, status, why)
 
 

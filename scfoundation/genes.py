@@ -287,7 +287,8 @@ def coverage_report(adata: AnnData,  # the output of `map_genes`
 
 # %% ../nbs/02_genes.ipynb #c865fa07
 def plot_gene_matches(adata: AnnData,  # the output of `map_genes`
-                      ax=None):  # matplotlib axes to draw on (default: a new figure)
+                      ax=None,  # matplotlib axes to draw on (default: a new figure)
+                     ):
     "Bar chart: how many input genes matched by symbol, alias, Ensembl, Entrez, or not at all; returns the figure."
     coverage = adata.uns.get("scf_gene_coverage") if isinstance(adata, AnnData) else None
     if coverage is None:
@@ -313,12 +314,14 @@ def _vocab_version(tokens: Sequence[str], medians: np.ndarray | None = None) -> 
     return f"{genes_part}-{hashlib.sha256(np.asarray(medians, '<f4').tobytes()).hexdigest()[:16]}"
 
 
-def gene_version_of(version: str) -> str:  # a `Vocab.version`, with or without its medians part
+def gene_version_of(version: str,  # a `Vocab.version`, with or without its medians part
+                   ) -> str:
     "The genes part of a vocabulary version: what fixes which token id is which gene."
     return str(version).split("-")[0]
 
 
-def versions_fit(first: str, second: str) -> bool:  # two `Vocab.version`s (or a model's `vocab_version`)
+def versions_fit(first: str, second: str,  # two `Vocab.version`s (or a model's `vocab_version`)
+                ) -> bool:
     "Same genes, and the same medians where both versions name medians (a vocabulary without medians makes no rank-value tokens)."
     first, second = str(first), str(second)
     if gene_version_of(first) != gene_version_of(second): return False
@@ -387,7 +390,8 @@ class Vocab:
     "Gene tokens ↔ integer ids: `<pad>`=0, `<mask>`=1, `<cls>`=2, then the genes, in order."
     def __init__(self,
                  genes: Sequence[str],  # gene tokens, in id order (ids start at 3)
-                 medians=None):  # optional per-token (or per-gene) medians
+                 medians=None,  # optional per-token (or per-gene) medians
+                ):
         self.genes = _check_gene_names(genes)
         self.tokens = SPECIAL_TOKENS + self.genes
         self.token_to_id = {token: index for index, token in enumerate(self.tokens)}
@@ -425,7 +429,8 @@ class Vocab:
                             "unknown='ignore' to get id -1 for them.")
         return ids
 
-    def names(self, ids) -> list[str]:  # token ids -> the tokens
+    def names(self, ids,  # token ids -> the tokens
+             ) -> list[str]:
         "Tokens of `ids` (the inverse of `ids`)."
         ids = np.asarray(ids, dtype=np.int64).ravel()
         if ((ids < 0) | (ids >= len(self))).any():
@@ -433,11 +438,13 @@ class Vocab:
         return [self.tokens[index] for index in ids]
 
     # --- medians and versions
-    def with_medians(self, medians) -> "Vocab":  # one float per token, or per gene (NaN = not observed)
+    def with_medians(self, medians,  # one float per token, or per gene (NaN = not observed)
+                    ) -> "Vocab":
         "A copy of this vocabulary carrying `medians` (same tokens and `gene_version`, a new `version`)."
         return type(self)(self.genes, medians=medians)
 
-    def check_compatible(self, version) -> None:  # the version a model was trained with (or that Vocab)
+    def check_compatible(self, version,  # the version a model was trained with (or that Vocab)
+                        ) -> None:
         "Raise a GeneError unless `version` fits this vocabulary's (`versions_fit`: same genes, same medians if both have them)."
         expected = version.version if isinstance(version, Vocab) else str(version)
         if versions_fit(expected, self.version): return
@@ -447,7 +454,8 @@ class Vocab:
                         "Use the vocabulary saved with the model (Vocab.load(model_dir / 'vocab.json')).")
 
     # --- saving and loading
-    def save(self, path) -> Path:  # where to write the JSON file
+    def save(self, path,  # where to write the JSON file
+            ) -> Path:
         "Write the vocabulary as JSON; returns the path."
         medians = None if self.medians is None else [None if np.isnan(value) else float(value) for value in self.medians]
         content = {"format": VOCAB_FORMAT, "format_version": VOCAB_FORMAT_VERSION,
@@ -475,12 +483,14 @@ class Vocab:
 
     # --- where the genes come from
     @classmethod
-    def from_genes(cls, names: Iterable[str], medians=None) -> "Vocab":  # gene tokens in id order; optional medians
+    def from_genes(cls, names: Iterable[str], medians=None,  # gene tokens in id order; optional medians
+                  ) -> "Vocab":
         "A vocabulary of `names`, in the given order."
         return cls(list(names), medians=medians)
 
     @classmethod
-    def from_gene_table(cls, gene_types: Sequence[str] | None = ("protein-coding",)) -> "Vocab":  # None: every gene
+    def from_gene_table(cls, gene_types: Sequence[str] | None = ("protein-coding",),  # None: every gene
+                       ) -> "Vocab":
         "A vocabulary of the shipped table's genes of the given types, in table order."
         table = _load_gene_table()
         if gene_types is not None:

@@ -131,7 +131,8 @@ def attention_weights(attention,           # a `model.SelfAttention` module
 # %% ../nbs/12_grn.ipynb #5f1ad868
 class AttentionRecorder:
     "Context manager: forward pre-hooks on the encoder's attention modules keep each call's head-averaged weights."
-    def __init__(self, model, layers=None): # the `SCFModel`; encoder layers to record (None: all)
+    def __init__(self, model, layers=None,  # the `SCFModel`; encoder layers to record (None: all)
+                ):
         blocks = list(model.encoder.blocks)
         self.modules = [blocks[layer].attention for layer in (range(len(blocks)) if layers is None else layers)]
         self.maps, self.handles = [], []

@@ -253,14 +253,16 @@ def _check_batch(batch: dict, config: ModelConfig):
 class AutoDiscretization(nn.Module):
     "scFoundation's value embedding: a scalar becomes a soft mixture of `n_bins` learned vectors."
     def __init__(self, n_bins: int, # number of learned bin vectors
-                 d_model: int):      # output width
+                 d_model: int,  # output width
+                ):
         super().__init__()
         self.to_hidden = nn.Linear(1, n_bins)
         self.to_weights = nn.Linear(n_bins, n_bins)
         self.bin_vectors = nn.Parameter(torch.randn(n_bins, d_model) * 0.02)
         self.mask_vector = nn.Parameter(torch.randn(d_model) * 0.02)
 
-    def forward(self, values: torch.Tensor) -> torch.Tensor: # (N,) values -> (N, d)
+    def forward(self, values: torch.Tensor,  # (N,) values -> (N, d)
+               ) -> torch.Tensor:
         hidden = F.leaky_relu(self.to_hidden(values.clamp(min=0)[:, None].to(self.bin_vectors.dtype)))
         weights = torch.softmax(self.to_weights(hidden), dim=-1)
         embedded = weights @ self.bin_vectors.to(weights.dtype)
@@ -273,7 +275,8 @@ class RankPositions(nn.Module):
         super().__init__()
         self.position = nn.Embedding(config.max_len, config.d_model)
 
-    def forward(self, batch: dict, keep: torch.Tensor) -> torch.Tensor: # (B, L) selection -> (N, d)
+    def forward(self, batch: dict, keep: torch.Tensor,  # (B, L) selection -> (N, d)
+               ) -> torch.Tensor:
         positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
         return self.position(positions[keep])
 
@@ -287,7 +290,8 @@ class BinValues(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(1, config.d_model), nn.ReLU(), nn.Linear(config.d_model, config.d_model))
         else: self.bin = nn.Embedding(config.n_bins + 2, config.d_model, padding_idx=0)
 
-    def forward(self, batch: dict, keep: torch.Tensor) -> torch.Tensor: # (B, L) selection -> (N, d)
+    def forward(self, batch: dict, keep: torch.Tensor,  # (B, L) selection -> (N, d)
+               ) -> torch.Tensor:
         ids = batch["value_ids"][keep]
         if not hasattr(self, "mlp"): return self.bin(ids)
         number = (ids - 1).to(self.mlp[0].weight.dtype)                 # scGPT's numbering: 0 unexpressed, 1.. the bins
@@ -302,7 +306,8 @@ class ContinuousValues(nn.Module):
         self.value = AutoDiscretization(config.n_bins, config.d_model)
         self.depth = nn.Linear(2, config.d_model)
 
-    def forward(self, batch: dict, keep: torch.Tensor) -> torch.Tensor: # (B, L) selection -> (N, d)
+    def forward(self, batch: dict, keep: torch.Tensor,  # (B, L) selection -> (N, d)
+               ) -> torch.Tensor:
         is_gene = keep.clone(); is_gene[:, 0] = False
         value_part = self.value(batch["values"][keep]) * is_gene[keep][:, None]
         depth = self.depth(batch["depth"].to(self.depth.weight.dtype))                   # (B, d)
@@ -363,13 +368,15 @@ class TokenLayout:
         "(B + 1,) where each cell's packed rows begin, and the end: the offsets of a jagged tensor."
         return F.pad(self.lengths.cumsum(0), (1, 0))
 
-    def to_grid(self, packed: torch.Tensor) -> torch.Tensor: # (N, k) -> (B, L_c, k)
+    def to_grid(self, packed: torch.Tensor,  # (N, k) -> (B, L_c, k)
+               ) -> torch.Tensor:
         if self.key_mask is None: return packed.view(self.batch_size, self.width, -1)
         grid = packed.new_zeros(self.batch_size * self.width, packed.shape[-1])
         grid[self.slots] = packed
         return grid.view(self.batch_size, self.width, -1)
 
-    def from_grid(self, grid: torch.Tensor) -> torch.Tensor: # (B, L_c, k) -> (N, k)
+    def from_grid(self, grid: torch.Tensor,  # (B, L_c, k) -> (N, k)
+                 ) -> torch.Tensor:
         flat = grid.reshape(self.batch_size * self.width, -1)
         return flat if self.key_mask is None else flat[self.slots]
 
@@ -387,7 +394,8 @@ def jagged_heads(rows: torch.Tensor,    # (N, d) packed rows of one of Q, K, V
 # torch's CPU fallback for jagged SDPA (forward and backward) warns that nested tensors are a prototype: it is torch's own use
 warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
 
-def jagged_attention(query, key, value) -> torch.Tensor: # nested (B, H, j, d_h) each -> (N_q, d) packed rows
+def jagged_attention(query, key, value,  # nested (B, H, j, d_h) each -> (N_q, d) packed rows
+                    ) -> torch.Tensor:
     "SDPA on jagged heads, back to packed rows."
     values = F.scaled_dot_product_attention(query, key, value).transpose(1, 2).values()   # (N_q, H, d_h)
     return values.reshape(len(values), -1)
@@ -396,13 +404,15 @@ def jagged_attention(query, key, value) -> torch.Tensor: # nested (B, H, j, d_h)
 class SelfAttention(nn.Module):
     "Multi-head self-attention on packed tokens, with one fused QKV projection and SDPA."
     def __init__(self, d_model: int, # model width
-                 n_heads: int):      # number of heads
+                 n_heads: int,  # number of heads
+                ):
         super().__init__()
         self.n_heads = n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def forward(self, packed: torch.Tensor, layout: TokenLayout) -> torch.Tensor: # (N, d) -> (N, d)
+    def forward(self, packed: torch.Tensor, layout: TokenLayout,  # (N, d) -> (N, d)
+               ) -> torch.Tensor:
         if layout.jagged: return self.out(self._jagged(packed, layout))
         d_model = packed.shape[-1]
         grid = layout.to_grid(self.qkv(packed))                                  # (B, L, 3d)
@@ -412,7 +422,8 @@ class SelfAttention(nn.Module):
         attended = attended.transpose(1, 2).reshape(layout.batch_size, layout.width, d_model)
         return self.out(layout.from_grid(attended))
 
-    def _jagged(self, packed: torch.Tensor, layout: TokenLayout) -> torch.Tensor: # (N, d) -> (N, d) before `out`
+    def _jagged(self, packed: torch.Tensor, layout: TokenLayout,  # (N, d) -> (N, d) before `out`
+               ) -> torch.Tensor:
         query, key, value = (jagged_heads(rows, layout.offsets, self.n_heads) for rows in self.qkv(packed).chunk(3, dim=-1))
         return jagged_attention(query, key, value)
 
@@ -426,7 +437,8 @@ class Block(nn.Module):
                  dropout: float,     # residual dropout
                  activation: str = "gelu", # a key of ACTIVATIONS
                  norm: str = "pre",  # "pre" | "post"
-                 eps: float = 1e-5): # LayerNorm epsilon
+                 eps: float = 1e-5,  # LayerNorm epsilon
+                ):
         super().__init__()
         self.norm = norm
         self.attention_norm, self.attention = nn.LayerNorm(d_model, eps=eps), SelfAttention(d_model, n_heads)
@@ -434,7 +446,8 @@ class Block(nn.Module):
         self.feed_forward = nn.Sequential(nn.Linear(d_model, d_ff), ACTIVATIONS[activation](), nn.Linear(d_ff, d_model))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, packed: torch.Tensor, layout: TokenLayout) -> torch.Tensor: # (N, d) -> (N, d)
+    def forward(self, packed: torch.Tensor, layout: TokenLayout,  # (N, d) -> (N, d)
+               ) -> torch.Tensor:
         if self.norm == "post":
             packed = self.attention_norm(packed + self.dropout(self.attention(packed, layout)))
             return self.feed_forward_norm(packed + self.dropout(self.feed_forward(packed)))
@@ -456,7 +469,8 @@ class Encoder(nn.Module):
         for block in self.blocks[start:stop]: packed = block(packed, layout)
         return self.norm(packed) if stop is None or stop >= len(self.blocks) else packed
 
-    def at_cls(self, packed: torch.Tensor, layout: TokenLayout) -> torch.Tensor: # (N, d) -> (B, d)
+    def at_cls(self, packed: torch.Tensor, layout: TokenLayout,  # (N, d) -> (B, d)
+              ) -> torch.Tensor:
         "The output at each cell's `<cls>` only: every block on every token, the last at `<cls>` (see `last_block_at_cls`)."
         for block in self.blocks[:-1]: packed = block(packed, layout)
         return self.norm(last_block_at_cls(self.blocks[-1], packed, layout))
@@ -606,11 +620,13 @@ class SCFModel(nn.Module):
         finally:
             self.train(was_training)
 
-    def num_parameters(self, trainable_only: bool = False) -> int: # count only parameters with requires_grad
+    def num_parameters(self, trainable_only: bool = False,  # count only parameters with requires_grad
+                      ) -> int:
         "Number of parameters."
         return sum(parameter.numel() for parameter in self.parameters() if parameter.requires_grad or not trainable_only)
 
-    def save_pretrained(self, directory: str | Path) -> Path: # folder to write (created if needed)
+    def save_pretrained(self, directory: str | Path,  # folder to write (created if needed)
+                       ) -> Path:
         "Write `config.json`, `model.safetensors`, the extensions' files, `vocab.json` (with a tokenizer), then their `checksums.json`."
         from safetensors.torch import save_file
         directory = Path(directory); directory.mkdir(parents=True, exist_ok=True)

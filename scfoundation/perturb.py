@@ -150,7 +150,8 @@ class PerturbationHead(nn.Module):
         self.target = nn.Linear(d_model, hidden, bias=False)
         self.bias = nn.Parameter(torch.zeros(len(embedding)))
 
-    def forward(self, parts: list[list[tuple[int, int]]]) -> torch.Tensor: # one list of (kind, gene) per perturbation
+    def forward(self, parts: list[list[tuple[int, int]]],  # one list of (kind, gene) per perturbation
+               ) -> torch.Tensor:
         "Predicted change (perturbations × genes)."
         rows = torch.as_tensor([row for row, perturbation in enumerate(parts) for _ in perturbation])
         kinds, genes = (torch.as_tensor([part[index] for perturbation in parts for part in perturbation]) for index in (0, 1))

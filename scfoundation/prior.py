@@ -293,7 +293,8 @@ class PriorGeneEmbedding(nn.Module):
     "Learned gene embedding + zero-initialised learned projections of fixed prior vectors, per source."
     def __init__(self, learned: nn.Embedding,  # the model's gene embedding (kept, still trained)
                  features: PriorFeatures,  # fixed vectors, one row per token
-                 sources=None):  # the sources to use (default: all in `features`)
+                 sources=None,  # the sources to use (default: all in `features`)
+                ):
         super().__init__()
         self.learned = learned
         self.sources = _check_sources(features.sources if sources is None else sources)
@@ -307,7 +308,8 @@ class PriorGeneEmbedding(nn.Module):
             nn.init.zeros_(self.projections[_module_name(source)].weight)
         self.active = set(self.sources)
 
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:  # (...) ids -> (..., d)
+    def forward(self, token_ids: torch.Tensor,  # (...) ids -> (..., d)
+               ) -> torch.Tensor:
         embedded = self.learned(token_ids)
         for source in self.sources:
             if source not in self.active: continue

@@ -632,7 +632,8 @@ class CellDataset(torch.utils.data.Dataset):
         return sp.csr_matrix(self._matrix[unique])[inverse]
 
     def __len__(self): return self.n_cells
-    def set_epoch(self, epoch: int): self.epoch = int(epoch)  # a new draw of sampled genes each epoch
+    def set_epoch(self, epoch: int,  # a new draw of sampled genes each epoch
+                 ): self.epoch = int(epoch)
 
     def __getitems__(self, indices) -> TokenizedCells:
         "Tokenize a whole batch in one vectorised call (PyTorch's DataLoader uses this when present)."

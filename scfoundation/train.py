@@ -376,7 +376,8 @@ class CellBatches:
     source = "cells"
     def __init__(self, dataset: CellDataset,      # the cells and their tokenizer
                  train_config: TrainConfig,        # batch_size, grad_accum, seed, steps, num_workers
-                 rank: int = 0, world_size: int = 1): # this process, of how many
+                 rank: int = 0, world_size: int = 1,  # this process, of how many
+                ):
         micro = train_config.batch_size // train_config.grad_accum
         if micro % world_size:
             raise DataError(f"a micro-batch of {micro} cells does not split over {world_size} processes: "

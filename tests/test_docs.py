@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM = os.environ.get("SCF_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")  # SCF_CHROMIUM: a browser of your own
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 SCREENSHOTS = ROOT / "_docs" / "screenshots"
@@ -122,11 +122,72 @@ def test_find_notebooks_order_and_skips(tmp_path):
     assert found == ["index.ipynb", "01_a.ipynb", "02_b.ipynb"]
 
 
-def test_api_page_links_each_name():
-    page = build_docs.api_page([dict(name="data", title="Data", api=["read_anndata", "Vocab.ids"]),
-                                dict(name="x", title="X", api=[])])
-    assert 'href="data.html#read-anndata"' in page and 'href="data.html#vocab-ids"' in page
+def test_api_page_groups_user_facing_names_before_helpers():
+    pages = [dict(name="data", title="Data", module="scfoundation.data", api=["short_list", "load_pbmc68k", "Config.to_json", "Config"]),
+             dict(name="x", title="X", module="", api=[])]
+    page = build_docs.api_page(pages, groups={"data": ["load_pbmc68k", "Config"]})
     assert "## Data" in page and "## X" not in page
+    user, helpers = page.index("### User-facing"), page.index("### Helpers")
+    assert user < page.index("{py:function} load_pbmc68k(") < page.index("{py:class} Config(") < helpers < page.index("{py:function} short_list(")
+    assert page.index("{py:method} Config.to_json(") < helpers     # a method goes with its class
+    assert ":module: scfoundation.data" in page and 'href="data.html#load-pbmc68k"' in page
+    assert "The default data: scanpy's pbmc68k_reduced as raw counts" in page   # the docstring's first line: the summary
+    model = build_docs.api_page([dict(name="model", title="Model", module="scfoundation.model", api=["ModelConfig"])], groups={})
+    assert "| field | type | default | meaning |" in model and "| `d_model` | `int` | `128` | width of the encoder |" in model
+
+
+def test_short_type_names_and_no_source_links():
+    shown = build_docs.tidy_showdoc("---\n\n[source](https://github.com/x/y/blob/main/a.py#L3){target=\"_blank\"}\n\n### f\n\n"
+                                    ">      f (adata:anndata._core.anndata.AnnData, p:pathlib.Path)\n\n"
+                                    "| device | NoneType | None | where |\n")
+    assert "github.com" not in shown and "[source]" not in shown and shown.startswith("### f")
+    assert "adata:AnnData, p:Path" in shown and "NoneType" not in shown
+    assert build_docs.short_type_names("scfoundation.model.SCFModel | None") == "SCFModel | None"
+
+
+def test_api_groups_name_public_objects():
+    "docs/api.yml (the user-facing API) names only objects each module exports."
+    import importlib, yaml
+    groups = yaml.safe_load((ROOT / "docs" / "api.yml").read_text())
+    import scfoundation
+    assert set(groups) <= set(scfoundation._MODULES)
+    unknown = {module: [n for n in names if n not in importlib.import_module(f"scfoundation.{module}").__all__]
+               for module, names in groups.items()}
+    assert not any(unknown.values()), f"not exported: {unknown}"
+
+
+def return_comment_on_a_parameter_line(function) -> bool:
+    "True when `def f(..., last) -> T:  # comment` puts a parameter's comment where nbdev reads the return's."
+    import inspect, io, tokenize
+    try: source = inspect.getsource(function)
+    except (OSError, TypeError): return False
+    parameters = set(inspect.signature(function).parameters) - {"self", "cls"}
+    tokens, depth = list(tokenize.generate_tokens(io.StringIO(source).readline)), 0
+    start = next(i for i, t in enumerate(tokens) if t.string == "def")
+    for i, token in enumerate(tokens[start:], start):
+        depth += (token.string == "(") - (token.string == ")")
+        if token.string == ":" and depth == 0:
+            line = token.start[0]
+            if not any(t.type == tokenize.COMMENT and t.start[0] == line for t in tokens[i:]): return False
+            return bool({t.string for t in tokens[start:i] if t.type == tokenize.NAME and t.start[0] == line} & parameters)
+    return False
+
+
+def test_no_parameter_comment_is_shown_as_returns():
+    "The API tables put each comment in its parameter's row, not in a Returns row."
+    import importlib, inspect
+    import scfoundation
+    wrong = []
+    for module_name in scfoundation._MODULES:
+        module = importlib.import_module(f"scfoundation.{module_name}")
+        for name in module.__all__:
+            obj = getattr(module, name)
+            members = [(name, obj)] + ([(f"{name}.{k}", v) for k, v in vars(obj).items()] if inspect.isclass(obj) else [])
+            for label, member in members:
+                member = getattr(member, "__func__", member)
+                if inspect.isfunction(member) and member.__module__ == module.__name__ and return_comment_on_a_parameter_line(member):
+                    wrong.append(f"{module_name}.{label}")
+    assert not wrong, f"put the closing `)` on its own line, so the last comment documents the parameter: {wrong}"
 
 
 def test_chapter_subtitles_fit_on_one_line():
@@ -285,12 +346,41 @@ def test_api_index_links_resolve(site, browser):
     out, url, pages = site
     if not any(record["name"] == "api" for record in pages): pytest.skip("no API index: nothing documented yet")
     page, _ = open_page(browser, url + "api.html")
-    links = page.eval_on_selector_all("ul.scf-api a", "anchors => anchors.map(a => a.getAttribute('href'))")
+    links = page.eval_on_selector_all("a.scf-api", "anchors => anchors.map(a => a.getAttribute('href'))")
     assert links
     for link in links:
         target, anchor = link.split("#")
         html_text = (out / target).read_text()
         assert f'id="{anchor}"' in html_text, f"{link}: no such anchor"
+
+
+def test_objects_inv_lists_the_package(site):
+    "Other Sphinx sites can link to scfoundation.model.SCFModel: objects.inv holds every API entry, as Python objects."
+    import posixpath
+    from sphinx.util.inventory import InventoryFile
+    out, url, pages = site
+    with open(out / "objects.inv", "rb") as stream: inventory = InventoryFile.load(stream, "", posixpath.join)
+    classes, functions = inventory.get("py:class", {}), inventory.get("py:function", {})
+    assert "scfoundation.model.SCFModel" in classes and "scfoundation.model.ModelConfig" in classes
+    assert "scfoundation.data.load_pbmc68k" in functions and "scfoundation.evaluate.embed_adata" in functions
+    documented = {f"{record['module']}.{name}" for record in pages if record.get("module") for name in record["api"]}
+    listed = {name for kind in ("py:class", "py:function", "py:method", "py:data") for name in inventory.get(kind, {})}
+    assert documented - listed == set(), f"documented but not in objects.inv: {sorted(documented - listed)[:10]}"
+    assert classes["scfoundation.model.SCFModel"].uri.startswith("api.html#")
+
+
+def test_pages_read_well(site):
+    "No link to the unpublished repository, no image named by its hash, short type names, install and syllabus pages."
+    out, url, pages = site
+    names = {record["name"] for record in pages}
+    assert {"install", "syllabus", "api"} <= names
+    for page in out.glob("*.html"):
+        text = page.read_text()
+        assert "github.com/scfoundation" not in text, f"{page.name}: a source link to a repository that does not exist"
+        assert not re.search(r'<img alt="[^"]*[0-9a-f]{32}', text), f"{page.name}: an image whose alt text is a file hash"
+        assert "anndata._core" not in text, f"{page.name}: a long type name"
+    syllabus = (out / "syllabus.html").read_text()
+    assert "A course in 4 sessions" in syllabus and "one-day workshop" in syllabus and "not measured" not in syllabus
 
 
 def test_screenshots(site, browser):

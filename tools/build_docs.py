@@ -43,6 +43,12 @@ QUARTO_ATTRS = re.compile(r"\)\{(?:target|style|\.)[^}]*\}")  # [text](url){targ
 SHOWDOC_HEADING = re.compile(r"^#{2,4}\s+(\S+)\s*$", re.M)
 MATH = re.compile(r"(?<!\\)\$|\\begin\{|\\\(|\\\[")
 EXERCISES = re.compile(r"^#{1,3}\s+Exercises\b", re.M | re.I)
+# show_doc's link to the code on GitHub: the repository named in settings.ini is not published
+SOURCE_LINK = re.compile(r"^\s*\[source\]\([^)]*\)(\{[^}]*\})?\s*$", re.M)
+# a type spelled with its defining module (anndata._core.anndata.AnnData): readers know it as AnnData
+LONG_TYPE = re.compile(r"\b(?:anndata|pandas|numpy|scipy|torch|pathlib|collections|typing|scfoundation|matplotlib|safetensors)"
+                       r"(?:\.\w+)*\.([A-Za-z_]\w*)\b")
+NONE_TYPE_ROW = re.compile(r"^(\|[^|\n]*\|)\s*NoneType\s*\|", re.M)  # `x=None` has no type worth a column
 
 
 def find_notebooks(nbs_path: Path,  # folder holding the notebooks (settings.ini's nbs_path)
@@ -64,10 +70,33 @@ def split_directives(source: str,  # code cell source
     return options, "\n".join(lines)
 
 
+def short_type_names(text: str,  # show_doc markdown or a signature
+                    ) -> str:  # the same with types named as users import them
+    "`anndata._core.anndata.AnnData` -> `AnnData`, `pathlib.Path` -> `Path`; `NoneType` type cells left empty."
+    return NONE_TYPE_ROW.sub(r"\1  |", LONG_TYPE.sub(r"\1", text))
+
+
+def tidy_showdoc(markdown: str,  # one show_doc output
+                ) -> str:  # without its rule and its link to an unpublished repository, with short type names
+    "What a reader of one API entry needs: the signature, the summary and the parameter table."
+    return short_type_names(SOURCE_LINK.sub("", SHOWDOC_RULE.sub("", markdown))).lstrip("\n")
+
+
 def tags_for(options: dict,  # cell options from `split_directives`
             ) -> list:  # myst-nb cell tags that reproduce them
-    "myst-nb tags for quarto's `include`/`echo`/`output: false` (`output: asis` needs none)."
-    return [tag for name, tag in HIDING_OPTIONS.items() if options.get(name, "").lower() == "false"]
+    "myst-nb tags for quarto's `include`/`echo`/`output: false` (`output: asis` needs none); `code-fold: true` folds the code."
+    tags = [tag for name, tag in HIDING_OPTIONS.items() if options.get(name, "").lower() == "false"]
+    if options.get("code-fold", "").lower() == "true" and "remove-input" not in tags: tags.append("hide-input")
+    return tags
+
+
+def figure_alt(section: str,  # the heading the figure sits under
+               source: str,  # the code cell that drew it
+              ) -> str:  # an alt text that says what the figure is, for screen readers and broken images
+    "Alt text of a figure output: its section and the call that drew it (myst-nb would name the image file's hash)."
+    calls = [line.strip() for line in source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    drawn = f", drawn by {calls[-1][:100]}" if calls else ""
+    return f"Figure: {section or 'output'}{drawn}"
 
 
 def convert_callouts(markdown: str,  # markdown cell source
@@ -139,7 +168,7 @@ def convert_code_cell(cell: dict,  # a code cell of a processed notebook (change
     tags.append("scf-showdoc")
     for output in cell.get("outputs", []):
         data = output.get("data", {})
-        if "text/markdown" in data: data["text/markdown"] = SHOWDOC_RULE.sub("", _text(data["text/markdown"]))
+        if "text/markdown" in data: data["text/markdown"] = tidy_showdoc(_text(data["text/markdown"]))
     return showdoc_names(cell)
 
 
@@ -164,9 +193,11 @@ def convert_notebook(nb: dict,  # a notebook processed by nbdev (changed in plac
                      site_url: str = "",  # published address whose links become relative
                     ) -> dict:  # page facts: title, frontmatter, api names, has_math, has_exercises
     "Turn one nbdev-processed notebook into a myst-nb page."
-    cells, frontmatter, api = [], {}, []
+    cells, frontmatter, api, section = [], {}, [], ""
     for cell in nb.get("cells", []):
         kind, source = cell.get("cell_type"), _text(cell.get("source"))
+        headings = re.findall(r"^#{1,4}\s+(.+?)\s*$", source, re.M) if kind == "markdown" else []
+        if headings: section = re.sub(r"[`*]", "", headings[-1])
         if kind == "raw" and not frontmatter and parse_frontmatter(source):
             frontmatter = parse_frontmatter(source); continue
         if kind == "markdown":
@@ -174,6 +205,8 @@ def convert_notebook(nb: dict,  # a notebook processed by nbdev (changed in plac
             cell["source"] = convert_callouts(localise_links(source, site_url) if site_url else source)
         if kind == "code":
             api += convert_code_cell(cell)
+            if any("image/png" in out.get("data", {}) for out in cell.get("outputs", [])):
+                cell["metadata"].setdefault("mystnb", {})["image"] = {"alt": figure_alt(section, cell["source"])}
             for data in (out.get("data", {}) for out in cell.get("outputs", [])):
                 if site_url and "text/markdown" in data: data["text/markdown"] = localise_links(_text(data["text/markdown"]), site_url)
             if not cell["source"].strip() and not cell.get("outputs"): continue
@@ -207,16 +240,122 @@ def toctree(names: list,  # page names in reading order
     return "```{toctree}\n" + options + "\n" + "\n".join(names) + "\n```"
 
 
-def api_page(pages: list,  # page records with `name`, `title`, `api`
-            ) -> str:  # markdown for the API index page
-    "One page listing every documented name, linked to its entry in its chapter."
-    lines = ["# API index", "", "Every function and class documented with `show_doc`, by chapter.", ""]
+API_GROUPS = CONF_DIR / "api.yml"  # the user-facing names of each module; the rest are helpers
+
+
+def notebook_module(notebook: Path,  # a notebook in nbs/
+                   ) -> str:  # the module it exports to (`#| default_exp`), e.g. "scfoundation.data", or ""
+    "The module a chapter exports, so that the API page can name its objects."
+    text = notebook.read_text()
+    match = re.search(r"#\|\s*default_exp\s+([\w.]+)", text)
+    if not match: return ""
+    return f"{read_settings(notebook.parents[1]).get('lib_path', 'scfoundation')}.{match.group(1)}"
+
+
+def resolve(module: str, name: str):
+    "The object `name` ('f' or 'Class.method') of `module`, or None where it cannot be imported."
+    import importlib
+    try: obj = importlib.import_module(module)
+    except Exception: return None
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None: return None
+    return obj
+
+
+class _Spelled:
+    "An annotation shown as written (postponed annotations are strings, which `inspect` would quote)."
+    def __init__(self, text): self.text = text
+    def __repr__(self): return self.text
+
+
+def short_signature(obj) -> str:
+    "The call signature with short type names; long or unprintable defaults shown as `...`; a class without `-> None`."
+    import inspect
+    try: signature = inspect.signature(obj)
+    except (TypeError, ValueError): return "()"
+    spell = lambda a: a if a is inspect.Parameter.empty or not isinstance(a, str) else _Spelled(a)
+    parameters = []
+    for parameter in signature.parameters.values():
+        if parameter.name in ("self", "cls"): continue
+        default = parameter.default
+        if default is not inspect.Parameter.empty and (len(repr(default)) > 40 or "<" in repr(default)):
+            parameter = parameter.replace(default=Ellipsis)
+        parameters.append(parameter.replace(annotation=spell(parameter.annotation)))
+    returns = inspect.Signature.empty if inspect.isclass(obj) else spell(signature.return_annotation)
+    text = str(signature.replace(parameters=parameters, return_annotation=returns)).replace("Ellipsis", "...")
+    text = re.sub(r"\b(?:ad|np|pd|sp|nn|torch\.nn)\.(?=[A-Za-z_])", "", text)  # the modules' import aliases
+    return short_type_names(text)
+
+
+def summary_line(obj) -> str:
+    "The first line of the docstring: the one-line summary."
+    import inspect
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def parameter_table(cls) -> list:
+    "Markdown rows for a config dataclass: field, type, default, meaning (from the field's comment)."
+    import dataclasses
+    from fastcore.docments import docments
+    comments = docments(cls, full=True)
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for field in dataclasses.fields(cls):
+        if not field.init: continue
+        info = comments.get(field.name, {})
+        kind = short_type_names(getattr(field.type, "__name__", str(field.type)).replace("'", "")).replace("|", "\\|")
+        default = field.default if field.default is not dataclasses.MISSING else (
+            "(computed)" if field.default_factory is not dataclasses.MISSING else "")
+        meaning = (info.get("docment") or "").replace("|", "\\|")
+        rows.append(f"| `{field.name}` | `{kind}` | `{default!r}` | {meaning} |" if default != "" else
+                    f"| `{field.name}` | `{kind}` | (required) | {meaning} |")
+    return rows
+
+
+def api_entry(page: dict,  # the chapter's page record (name, module)
+              name: str,  # a documented name of that chapter
+             ) -> list:  # MyST lines: a py-domain directive (so objects.inv lists it), its summary, a link
+    "One entry of the API page: signature, one-line summary, a link to the full entry in the chapter."
+    import dataclasses, inspect
+    obj = resolve(page["module"], name)
+    link = f'<a class="reference internal scf-api" href="{page["name"]}.html#{make_id(name)}">in the chapter</a>'
+    if obj is None: return [f"- `{name}`: {link}", ""]
+    if inspect.isclass(obj): kind = "class"
+    elif "." in name: kind = "method"
+    elif callable(obj): kind = "function"
+    else: kind = "data"
+    signature = "" if kind == "data" else short_signature(obj)
+    lines = [f"```{{py:{kind}}} {name}{signature}", f":module: {page['module']}", ""]
+    lines.append(f"{summary_line(obj)} ({link})".strip())
+    if kind == "class" and dataclasses.is_dataclass(obj): lines += ["", *parameter_table(obj)]
+    return lines + ["```", ""]
+
+
+def api_page(pages: list,  # page records with `name`, `title`, `api` and `module`
+             groups: dict = None,  # module -> user-facing names (docs/api.yml); None: read the file
+            ) -> str:  # markdown for the API reference page
+    "The API reference: per chapter, the user-facing names and then the helpers, each with its summary."
+    if groups is None: groups = yaml.safe_load(API_GROUPS.read_text()) if API_GROUPS.exists() else {}
+    lines = ["# API reference", "",
+             "`import scfoundation as scf`, then `scf.data.load_pbmc68k()` and so on: one module per chapter. "
+             "For each chapter, first what you call on your own data, then the helpers the chapter builds them from. "
+             "Each entry links to its full documentation in the chapter: parameters, examples, tests.", ""]
     for page in pages:
         if not page["api"]: continue
-        lines += [f"## {page['title']}", ""]
-        links = [f'<li><a class="reference internal" href="{page["name"]}.html#{make_id(name)}"><code>{name}</code></a></li>'
-                 for name in page["api"]]
-        lines += ['<ul class="scf-api">', *links, "</ul>", ""]
+        module = page.get("module", "")
+        user = set(groups.get(module.rsplit(".", 1)[-1], []))
+        public = [name for name in page["api"] if name in user or name.split(".")[0] in user]
+        helpers = [name for name in page["api"] if name not in public]
+        lines += [f"## {page['title']}", "", f"`{module}`" if module else "", ""]
+        if not module:
+            lines += [f'- <a class="reference internal scf-api" href="{page["name"]}.html#{make_id(name)}"><code>{name}</code></a>'
+                      for name in page["api"]] + [""]
+            continue
+        for heading, names in (("User-facing", public), ("Helpers", helpers)):
+            if not names: continue
+            lines += [f"### {heading}", ""]
+            for name in names: lines += api_entry(page, name)
     return "\n".join(lines)
 
 
@@ -332,7 +471,7 @@ def stage_pages(notebooks: list,  # notebooks found in nbs/
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(processed, indent=1))
         facts.pop("frontmatter")
-        pages.append(dict(name=name, source=f"{nbs_path.name}/{relative.as_posix()}", **facts))
+        pages.append(dict(name=name, source=f"{nbs_path.name}/{relative.as_posix()}", module=notebook_module(notebook), **facts))
     return pages
 
 
@@ -347,16 +486,34 @@ def copy_assets(nbs_path: Path,  # the notebooks folder
         shutil.copy2(path, stage / relative)
 
 
+def syllabus_page() -> str:
+    "The syllabus (tools/syllabus.py, the same text as the README's section) as a page of its own."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("scf_syllabus", ROOT / "tools" / "syllabus.py")
+    syllabus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(syllabus)
+    return syllabus.render(ROOT).replace("## Syllabus", "# Syllabus", 1)
+
+
 def write_home_and_api(pages: list,  # page records from `stage_pages`
                        stage: Path,  # Sphinx's source folder
                        settings: dict,  # settings.ini
                       ) -> list:  # page records, with the generated ones added
-    "The home page carries the toctree (the sidebar); an API index page when anything is documented."
+    "The home page carries the toctree (the sidebar); install and syllabus pages first; an API page when anything is documented."
     chapters = [page["name"] for page in pages if page["name"] != "index"]
+    front = []
+    if (CONF_DIR / "install.md").exists():
+        shutil.copy(CONF_DIR / "install.md", stage / "install.md")
+        front.append(dict(name="install", source=None, title="Install", api=[], has_math=False, has_exercises=False))
+    if (CONF_DIR / "syllabus.yml").exists():
+        (stage / "syllabus.md").write_text(syllabus_page())
+        front.append(dict(name="syllabus", source=None, title="Syllabus", api=[], has_math=False, has_exercises=False))
+    chapters = [page["name"] for page in front] + chapters
+    pages = pages[:1] + front + pages[1:] if pages and pages[0]["name"] == "index" else front + pages
     if any(page["api"] for page in pages):
         (stage / "api.md").write_text(api_page(pages))
         chapters.append("api")
-        pages.append(dict(name="api", source=None, title="API index", api=[], has_math=False, has_exercises=False))
+        pages.append(dict(name="api", source=None, title="API reference", api=[], has_math=False, has_exercises=False))
     home = stage / "index.ipynb"
     if home.exists():
         nb = json.loads(home.read_text())
