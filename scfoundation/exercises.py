@@ -153,3 +153,812 @@ def judge_choice(answer, right: str,  # the right option's key
     key = str(answer).strip().lower()
     if key not in options: raise _Refused(f"choose one of {', '.join(map(repr, options))}, not {answer!r}")
     return ("right" if key == right else "wrong"), options[key]
+
+# %% ../nbs/17_exercises.ipynb #6f4ef60d
+@functools.cache
+def _ref_01_scaled_residual() -> float:
+    "The largest distance to an integer that `describe_values` reports for pbmc68k's raw.X times 1.01."
+    import scanpy as sc
+    import scfoundation.data as data
+    return float(data.describe_values(sc.datasets.pbmc68k_reduced().raw.X * 1.01)["residual"])
+
+
+@exercise("01.1", asks="the smallest `tolerance` at which `describe_values(pbmc.raw.X * 1.01, tolerance=...)` says 'log1p', a float")
+def _check_01_1(answer):
+    value, expected = as_number(answer, "a tolerance"), _ref_01_scaled_residual()
+    if value >= 0.5: return "wrong", ("every number lies within 0.5 of an integer, so a tolerance of 0.5 or more accepts anything; "
+                                      "the exercise asks for the smallest one that accepts this matrix")
+    if value < 0.2: return "wrong", "that is below the default tolerance of 0.2, which already refuses this matrix"
+    return judge_number(value, expected, rtol=0.01, close=0.05, what="the tolerance")
+
+# %% ../nbs/17_exercises.ipynb #658eea1a
+@exercise("01.2", asks="the letter of the best reason why accepting that tolerance is a bad idea: 'a', 'b', 'c' or 'd'")
+def _check_01_2(answer):
+    return judge_choice(answer, "a", {
+        "a": "Right: near 0.5 every value sits within the tolerance of some integer, so the check no longer tells counts from "
+             "anything else; the rounded 'counts' of a scaled matrix would be off by one here and there, silently.",
+        "b": "No: the recovery costs the same whatever the tolerance; it is one division and one rounding per value.",
+        "c": "No: the recovered values are rounded, so they are integers whatever the tolerance; the trouble is which integers.",
+        "d": "No: the tolerance does not change which cells are kept; it decides whether the whole matrix is accepted.",
+    })
+
+# %% ../nbs/17_exercises.ipynb #4791a0fa
+@functools.cache
+def _ref_01_captured() -> float:
+    "Median over the cells of (counts on the 765 kept genes) / obs['n_counts'] in the default data."
+    import scfoundation.data as data
+    default = data.load_pbmc68k()
+    return float(np.median(data.row_sums(default.X) / default.obs["n_counts"].to_numpy()))
+
+
+@exercise("01.3", asks="the median over cells of total_counts / obs['n_counts'] for the default data, a float between 0 and 1")
+def _check_01_3(answer):
+    value = as_number(answer, "a fraction")
+    if value > 1: return "wrong", "a fraction of a cell's counts is at most 1: divide the 765 genes' total by n_counts, not the other way"
+    if value <= 0: return "wrong", "a fraction of counts is positive"
+    return judge_number(value, _ref_01_captured(), rtol=0.03, close=0.15, what="the fraction")
+
+# %% ../nbs/17_exercises.ipynb #2b13bdb1
+@functools.cache
+def _ref_01_resilient_types() -> tuple:
+    "Cell types of the default data that lose less than half of their cells to filter_cells(min_genes=250)."
+    import scfoundation.data as data
+    default = data.load_pbmc68k()
+    kept = data.filter_cells(default, min_genes=250, verbose=False)
+    before = default.obs["cell_type"].value_counts()
+    after = kept.obs["cell_type"].value_counts().reindex(before.index, fill_value=0)
+    return tuple(sorted(before.index[(after / before) > 0.5]))
+
+
+@exercise("01.4", asks="the cell types that lose less than half of their cells to filter_cells(default, min_genes=250), a list of names")
+def _check_01_4(answer):
+    if isinstance(answer, str): answer = [answer]
+    return judge_set(answer, _ref_01_resilient_types(), what="cell types")
+
+# %% ../nbs/17_exercises.ipynb #67d00379
+_IDS_02_1 = ["SEPT7", "SEPTIN7", "7-Sep", "ENSG00000122545.19"]
+
+
+@exercise("02.1", asks="how match_gene_ids matches SEPT7, SEPTIN7, 7-Sep, ENSG00000122545.19: a list of 4 match kinds "
+                       "('symbol', 'alias', 'ensembl', 'entrez', 'ambiguous alias' or 'unmapped'), in that order")
+def _check_02_1(answer):
+    from scfoundation.genes import MATCH_KINDS, match_gene_ids
+    if isinstance(answer, str) or not hasattr(answer, "__iter__"):
+        raise _Refused(f"the answer should be a list of 4 match kinds, not {type(answer).__name__}")
+    given = [str(kind).strip().lower() for kind in answer]
+    if len(given) != 4: return "wrong", f"{len(given)} match kinds given: one per identifier, 4 in all"
+    unknown = [kind for kind in given if kind not in MATCH_KINDS]
+    if unknown: return "wrong", f"{unknown[0]!r} is not a match kind; they are {', '.join(MATCH_KINDS)}"
+    expected = match_gene_ids(_IDS_02_1)["match"].tolist()
+    wrong = [name for name, kind, right in zip(_IDS_02_1, given, expected) if kind != right]
+    if not wrong: return "right", "all four match kinds"
+    return ("close" if len(wrong) == 1 else "wrong"), f"{len(wrong)} of 4 wrong, e.g. the kind of {wrong[0]}"
+
+# %% ../nbs/17_exercises.ipynb #345d0c3a
+@functools.cache
+def _ref_02_genes_of_alias(alias: str = "C7orf55") -> tuple:
+    "Tokens of the genes of the shipped table that list `alias` among their aliases."
+    from scfoundation.genes import gene_table
+    table = gene_table()
+    names = table["aliases"].str.upper().str.split(";").apply(lambda keys: alias.upper() in [key.strip() for key in keys])
+    return tuple(sorted(table.loc[names, "token"]))
+
+
+@exercise("02.2", asks="the tokens of every gene in gene_table() whose aliases include C7orf55 (the PBMC gene left out as an ambiguous alias), a list")
+def _check_02_2(answer):
+    if isinstance(answer, str): answer = [answer]
+    if not hasattr(answer, "__iter__"): raise _Refused(f"the answer should be a list of gene tokens, not {type(answer).__name__}")
+    status, why = judge_set([str(name).upper() for name in answer], [name.upper() for name in _ref_02_genes_of_alias()], what="genes")
+    if status != "right" and len(list(answer)) == 1:
+        why += ": an alias that named one gene only would not be ambiguous"
+    return status, why
+
+# %% ../nbs/17_exercises.ipynb #2e8b4b05
+@functools.cache
+def _ref_02_vocab_sizes() -> tuple:
+    "Genes in Vocab.from_adata(map_genes(pbmc), min_cells=1) and min_cells=50."
+    import warnings
+    from scfoundation.data import load_pbmc68k
+    from scfoundation.genes import Vocab, map_genes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mapped = map_genes(load_pbmc68k())
+    return tuple(len(Vocab.from_adata(mapped, min_cells=k).genes) for k in (1, 50))
+
+
+@exercise("02.3", asks="the number of genes (special tokens not counted) of Vocab.from_adata(map_genes(pbmc), min_cells=1) and with min_cells=50, a list of 2 integers")
+def _check_02_3(answer):
+    expected = np.array(_ref_02_vocab_sizes(), dtype=float)
+    given = np.asarray(answer, dtype=float) if not isinstance(answer, str) else None
+    if given is not None and given.shape == (2,):
+        if np.array_equal(given, expected + 3): return "close", "those are len(vocab): the three special tokens are counted; count the genes"
+        if np.array_equal(given, expected[::-1]): return "wrong", "the two numbers are in the wrong order: min_cells=1 first"
+        if given[0] == 765: return "wrong", "765 is the number of columns before mapping; the vocabulary holds mapped genes"
+    return judge_array(answer, expected, what="the two vocabulary sizes")
+
+# %% ../nbs/17_exercises.ipynb #e629e7db
+@exercise("02.4", asks="the letter of the best reason why a content hash is safer than a counter such as 'v2': 'a', 'b', 'c' or 'd'")
+def _check_02_4(answer):
+    return judge_choice(answer, "a", {
+        "a": "Right: the hash is computed from the tokens (and medians) themselves, so two vocabularies with the same "
+             "version have the same ids, and a vocabulary edited by hand or built elsewhere cannot keep an old name by mistake.",
+        "b": "No: a hash is not shorter to store than a counter, and size is not what goes wrong; what goes wrong is two "
+             "different vocabularies under one name.",
+        "c": "No: a hash does not make loading faster; Vocab.load even spends time recomputing it.",
+        "d": "No: a hash does not encrypt anything; the tokens stay readable in vocab.json. It names the content, that is all.",
+    })
+
+# %% ../nbs/17_exercises.ipynb #a1626adb
+@functools.cache
+def _ref_03_pbmc():
+    "The chapter's PBMC cells, their vocabulary with medians from the same cells, and the column token ids."
+    from scfoundation.data import load_pbmc68k
+    from scfoundation.genes import Vocab
+    from scfoundation.tokenization import column_token_ids, compute_gene_medians
+    pbmc = load_pbmc68k()
+    vocab = Vocab.from_genes(pbmc.var_names)
+    vocab = vocab.with_medians(compute_gene_medians(pbmc, vocab))
+    return pbmc, vocab, column_token_ids(vocab, pbmc.var_names)
+
+
+@functools.cache
+def _ref_03_thinned_overlap(n_seeds: int = 20) -> float:
+    "Mean over seeds 0..n_seeds-1 of |top-25 rank-value genes of cell 0 ∩ those after binomial thinning to 20%|."
+    from scfoundation.tokenization import RankValueTokenizer
+    pbmc, vocab, token_ids = _ref_03_pbmc()
+    tokenizer, row = RankValueTokenizer(vocab, max_length=26), pbmc.X[0]
+    full = set(tokenizer.tokenize(row, token_ids).cell(0)["input_ids"][1:])
+    overlaps = []
+    for seed in range(n_seeds):
+        thinned = row.copy()
+        thinned.data = np.random.default_rng(seed).binomial(thinned.data.astype(np.int64), 0.2).astype(np.float32)
+        thinned.eliminate_zeros()
+        overlaps.append(len(full & set(tokenizer.tokenize(thinned, token_ids).cell(0)["input_ids"][1:])))
+    return float(np.mean(overlaps))
+
+
+@exercise("03.1", asks="how many of the top-25 rank-value genes of PBMC cell 0 are still in the top 25 after binomial thinning to 20% of its counts, an integer from 0 to 25")
+def _check_03_1(answer):
+    value = as_number(answer, "a number of genes")
+    if not 0 <= value <= 25: return "wrong", "the overlap of two lists of 25 genes lies between 0 and 25"
+    if value != round(value): return "wrong", "an overlap counts genes: pass a whole number"
+    expected = _ref_03_thinned_overlap()
+    if abs(value - expected) <= 3.5: return "right", "the overlap is what thinning gives (it varies by a few genes with the seed)"
+    side = "high" if value > expected else "low"
+    if abs(value - expected) <= 6: return "close", f"the overlap is too {side} for a typical seed: thin the counts (binomial, p = 0.2), keep the vocabulary's medians"
+    return "wrong", (f"the overlap is much too {side}" + (": did the cell really lose 80% of its counts, and did you tokenize the thinned cell?" if side == "high" else ""))
+
+# %% ../nbs/17_exercises.ipynb #c8f15538
+@functools.cache
+def _ref_03_top_with_unit_medians() -> tuple:
+    "The first 5 rank-value genes of PBMC cell 0 when every median is 1."
+    from scfoundation.tokenization import RankValueTokenizer
+    pbmc, vocab, token_ids = _ref_03_pbmc()
+    ones = vocab.with_medians(np.ones(len(vocab.genes)))
+    return tuple(ones.names(RankValueTokenizer(ones, max_length=6).tokenize(pbmc.X[0], token_ids).cell(0)["input_ids"][1:]))
+
+
+@exercise("03.2", asks="the first 5 genes (after <cls>) of the rank-value tokens of PBMC cell 0 when every gene's median is 1, a list of 5 gene names")
+def _check_03_2(answer):
+    if isinstance(answer, str) or not hasattr(answer, "__iter__"):
+        raise _Refused(f"the answer should be a list of 5 gene names, not {type(answer).__name__}")
+    given = [str(name) for name in answer]
+    if len(given) != 5: return "wrong", f"{len(given)} genes given: pass the first 5"
+    if "<cls>" in given: return "wrong", "leave out <cls>: the 5 genes after it"
+    return judge_set(given, _ref_03_top_with_unit_medians(), what="genes", close=0.4)
+
+# %% ../nbs/17_exercises.ipynb #117002b8
+def _ref_03_bins() -> np.ndarray:
+    "quantile_bins with B = 5 of the log-normalised values of counts (1, 1, 1, 1, 10)."
+    from scfoundation.tokenization import quantile_bins
+    counts = np.array([1.0, 1, 1, 1, 10])
+    return quantile_bins(np.array([0, 5]), np.log1p(counts / counts.sum() * 1e4), 5)
+
+
+@exercise("03.3", asks="the bins (1..B-1, as quantile_bins returns them) of the five values of a cell with counts (1, 1, 1, 1, 10) for B = 5, a list of 5 integers")
+def _check_03_3(answer):
+    expected = _ref_03_bins()
+    given = np.asarray(answer, dtype=float) if not isinstance(answer, str) else None
+    if given is not None and given.shape == expected.shape:
+        if np.array_equal(given, expected + 1): return "close", "those are value ids (bins shifted by one, 1 meaning zero expression); pass the bins"
+        if given.max() > 4: return "wrong", "with B = 5 the bins run from 1 to B - 1 = 4"
+    return judge_array(answer, expected, what="the bins")
+
+# %% ../nbs/17_exercises.ipynb #df69612f
+@functools.cache
+def _ref_03_zero_filled() -> tuple:
+    "Length of PBMC cell 0's tokens with BinningTokenizer(max_length=1200, include_zeros=True), and the share with value id 1."
+    from scfoundation.tokenization import BinningTokenizer
+    pbmc, vocab, token_ids = _ref_03_pbmc()
+    cell = BinningTokenizer(vocab, max_length=1200, include_zeros=True).tokenize(pbmc.X[0], token_ids).cell(0)
+    return len(cell["input_ids"]), float((cell["value_ids"] == 1).mean())
+
+
+@exercise("03.4", asks="the number of tokens (<cls> included) of PBMC cell 0 with BinningTokenizer(vocab, max_length=1200, include_zeros=True), an integer")
+def _check_03_4(answer):
+    value, expected = as_number(answer, "a number of tokens"), _ref_03_zero_filled()[0]
+    if value == 1200: return "wrong", "max_length is an upper bound: a cell cannot hold more genes than the vocabulary has"
+    if value == expected - 1: return "close", "count <cls> too"
+    return judge_number(value, expected, rtol=0, close=0.01, what="the length")
+
+
+@exercise("03.5", asks="the fraction of those tokens (<cls> included) that carry value id 1, a float")
+def _check_03_5(answer):
+    value, expected = as_number(answer, "a fraction"), _ref_03_zero_filled()[1]
+    if not 0 <= value <= 1: return "wrong", "a fraction lies between 0 and 1"
+    if np.isclose(value, 1 - expected, atol=0.01): return "wrong", "that is the share of the other tokens: value id 1 marks the genes with zero counts"
+    return judge_number(value, expected, rtol=0.01, close=0.1, what="the fraction")
+
+# %% ../nbs/17_exercises.ipynb #a2ab42f6
+@exercise("04.1", asks="program_weights for a cell at pseudotime 0.5 in a lineage of depth 3: the weight of each level, a list of 3 floats")
+def _check_04_1(answer):
+    from scfoundation.simulate import program_weights
+    expected = program_weights(np.array([0.5]), 3)[0]
+    given = np.asarray(answer, dtype=float) if not isinstance(answer, str) else None
+    if given is not None and given.shape == (3,) and np.allclose(given, [0.5, 0.5, 0.5]):
+        return "wrong", "the levels do not switch on together: each one starts when the one above is full"
+    return judge_array(answer, expected, what="the weights", atol=1e-6)
+
+# %% ../nbs/17_exercises.ipynb #293e687a
+@exercise("04.2", asks="the pseudotime t after which two sister cell types (same parent) of a depth-3 lineage start to differ in expected expression, a float")
+def _check_04_2(answer):
+    value = as_number(answer, "a pseudotime")
+    if not 0 <= value <= 1: return "wrong", "pseudotime lies between 0 and 1"
+    if np.isclose(value, 1 / 3, atol=0.01): return "wrong", "before that, every cell looks like the root; sisters share more than the first level"
+    return judge_number(value, 2 / 3, rtol=0.02, close=0.1, what="the pseudotime")
+
+# %% ../nbs/17_exercises.ipynb #136576fa
+_SIM_04 = dict(n_cells=500, n_genes=200, n_tfs=20, seed=0)
+
+
+@functools.cache
+def _ref_04_dropout_ratio(dropout: float = 0.3) -> float:
+    "Median library size with `dropout` over the one without, for simulate(**_SIM_04)."
+    from scfoundation.simulate import simulate
+    median = lambda adata: float(np.median(np.asarray(adata.X.sum(axis=1)).ravel()))
+    return median(simulate(**_SIM_04, dropout=dropout)) / median(simulate(**_SIM_04))
+
+
+@exercise("04.3", asks="median library size (total counts per cell) with dropout=0.3 divided by that without, for simulate(n_cells=500, n_genes=200, n_tfs=20, seed=0), a float")
+def _check_04_3(answer):
+    value = as_number(answer, "a ratio")
+    if value > 1: return "wrong", "dropout only removes counts: the ratio is below 1 (divide with dropout by without)"
+    if np.isclose(value, 1.0, atol=0.01): return "wrong", "the library size does change: dropout zeroes counts, and a cell's total is their sum"
+    return judge_number(value, _ref_04_dropout_ratio(), rtol=0.03, close=0.15, what="the ratio")
+
+# %% ../nbs/17_exercises.ipynb #5777f2a8
+@exercise("04.4", asks="the letter of the right statement about telling zero-inflation (dropout) from a larger NB dispersion with the zero-fraction-vs-mean plot alone: 'a', 'b', 'c' or 'd'")
+def _check_04_4(answer):
+    return judge_choice(answer, "b", {
+        "a": "No: at a given mean a larger dispersion also raises the fraction of zeros, (1 + φμ)^(-1/φ) grows with φ, so "
+             "points above the curve are not proof of dropout.",
+        "b": "Right: both put the points above the NB curve drawn for the true dispersion; the plot alone cannot say which. "
+             "The mean-variance plot, or the library sizes (dropout lowers them), or a fitted dispersion per gene can.",
+        "c": "No: dropout removes counts, it never adds zeros below the curve, and the means shift too (by the factor 1 - dropout).",
+        "d": "No: the zero fraction changes visibly with dropout = 0.3; the question is whether something else could make the same change.",
+    })
+
+# %% ../nbs/17_exercises.ipynb #608af387
+@functools.cache
+def _ref_05_break_even() -> float:
+    "Cell length (tokens) at which attention FLOPs equal the dense layers' FLOPs in geneformer-6l (from count_flops' formula)."
+    import torch
+    from scfoundation.model import ModelConfig, count_flops, random_batch
+    config = ModelConfig.named("geneformer-6l")
+    def share(n):  # attention's share of the encoder's FLOPs for one cell of n tokens
+        total = count_flops(config, random_batch(config, [n - 1]), training=False)["encoder"]
+        return 4 * n * n * config.d_model * config.n_layers / total
+    low, high = 2, 8192
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if share(middle) < 0.5 else (low, middle)
+    return float(high)
+
+
+@exercise("05.1", asks="the cell length in tokens (<cls> included) at which attention costs as many FLOPs as all the dense layers of geneformer-6l together, a number")
+def _check_05_1(answer):
+    value = as_number(answer, "a number of tokens")
+    if value <= 0: return "wrong", "a cell length is positive"
+    return judge_number(value, _ref_05_break_even(), rtol=0.02, close=0.2, what="the length")
+
+# %% ../nbs/17_exercises.ipynb #970f03f3
+@functools.cache
+def _ref_05_unchanged() -> float:
+    "Share of the masked positions that keep their gene with bert_style=True, on random_batch(teaching, [900] * 40, seed=0)."
+    from scfoundation.model import ModelConfig, mask_batch, random_batch
+    config = ModelConfig.named("teaching", vocab_size=1_000)
+    masked = mask_batch(random_batch(config, [900] * 40, seed=0), config, seed=0, bert_style=True)
+    hidden = masked["mask_positions"]
+    return float((masked["input_ids"][hidden] == masked["labels"][hidden]).float().mean())
+
+
+@exercise("05.2", asks="the fraction of masked positions whose input id is still the original gene, with mask_batch(..., bert_style=True, seed=0) on random_batch(ModelConfig.named('teaching', vocab_size=1000), [900] * 40, seed=0), a float")
+def _check_05_2(answer):
+    value = as_number(answer, "a fraction")
+    if not 0 <= value <= 1: return "wrong", "a fraction lies between 0 and 1"
+    if np.isclose(value, 0.8, atol=0.03): return "wrong", "that is the share replaced by <mask>; the exercise asks for those left as they were"
+    if np.isclose(value, 0.2, atol=0.03): return "wrong", "that counts the random genes too; a random gene is not the original one"
+    return judge_number(value, _ref_05_unchanged(), rtol=0.05, close=0.3, what="the fraction")
+
+# %% ../nbs/17_exercises.ipynb #7ea0d2e6
+@exercise("05.3", asks="the letter of the best reason why BERT keeps 10% of the chosen tokens unchanged: 'a', 'b', 'c' or 'd'")
+def _check_05_3(answer):
+    return judge_choice(answer, "c", {
+        "a": "No: the loss is computed at every chosen position, unchanged ones included, so they cost as much compute as the others.",
+        "b": "No: the random replacements (the other 10%) are the noise; the unchanged tokens add none.",
+        "c": "Right: at fine-tuning and inference there is no <mask>; if only <mask> positions were ever predicted, the model "
+             "would learn nothing useful about a token it can see. Keeping some unchanged (and some random) makes it predict "
+             "every position from context, since it cannot tell which ones are being scored.",
+        "d": "No: the share of masked positions is set by mask_prob; the 80/10/10 rule only decides what the chosen positions hold.",
+    })
+
+# %% ../nbs/17_exercises.ipynb #732653d5
+@functools.cache
+def _ref_05_asymmetric_ratio(zero_fraction: float = 0.5) -> float:
+    "count_flops total, asymmetric over symmetric, for the chapter's continuous teaching comparison at `zero_fraction`."
+    from scfoundation.model import ModelConfig, count_flops, mask_batch, random_batch
+    symmetric = ModelConfig.named("teaching", vocab_size=2_000, input_kind="continuous")
+    asymmetric = ModelConfig.named("teaching", vocab_size=2_000, input_kind="continuous", asymmetric=True)
+    cells = mask_batch(random_batch(symmetric, [600] * 8, seed=5, zero_fraction=zero_fraction), symmetric, seed=0)
+    return count_flops(asymmetric, cells)["total"] / count_flops(symmetric, cells)["total"]
+
+
+@exercise("05.4", asks="count_flops total of the asymmetric over the symmetric model for the chapter's comparison (8 cells x 600 genes, random_batch seed 5, mask_batch seed 0) with zero_fraction=0.5, a float")
+def _check_05_4(answer):
+    value = as_number(answer, "a ratio")
+    if value > 1: return "wrong", "the asymmetric model does less work: divide asymmetric by symmetric"
+    if np.isclose(value, _ref_05_asymmetric_ratio(0.8), rtol=0.02): return "wrong", "that is the ratio at the chapter's zero_fraction of 0.8; set it to 0.5"
+    return judge_number(value, _ref_05_asymmetric_ratio(), rtol=0.02, close=0.1, what="the ratio")
+
+# %% ../nbs/17_exercises.ipynb #70a76a49
+@functools.cache
+def _ref_11_sim():
+    "The chapter's simulated world (800 cells, 200 genes, 20 TFs, knockouts of tf0 and tf3), seed 0."
+    from scfoundation.simulate import simulate
+    return simulate(n_cells=800, n_genes=200, n_tfs=20, edge_density=0.1, n_cell_types=4, lineage_depth=2,
+                    n_batches=1, perturbations=("ko:tf0", "ko:tf3"), perturbed_fraction=0.3, library_log_mean=7.0, seed=0)
+
+
+def _ref_11_masks(sim):
+    control = (sim.obs["perturbation"] == "control").to_numpy()
+    return [(sim.obs["cell_type"] == name).to_numpy() & control for name in ("A.1", "B.1")]
+
+
+@functools.cache
+def _ref_11_tables() -> dict:
+    "DE-baseline ranking tables (A.1 → B.1, candidates expressed in half of the source cells) for both modes, and on the TFs."
+    import scfoundation.insilico as ins
+    sim = _ref_11_sim()
+    source, target = _ref_11_masks(sim)
+    genes = ins.candidate_genes(sim, source, min_expressed=0.5)
+    tables = {mode: ins.ranking_table({"de": ins.de_baseline(sim, genes, source, target, mode)},
+                                      ins.true_shift(sim, "A.1", "B.1", genes, mode)).loc["de"] for mode in ins.PERTURBATION_MODES}
+    tfs = [str(gene) for gene in sim.uns["truth"]["tfs"]]
+    tables["tfs"] = ins.ranking_table({"de": ins.de_baseline(sim, tfs, source, target)}, ins.true_shift(sim, "A.1", "B.1", tfs)).loc["de"]
+    return tables
+
+
+@exercise("11.1", asks="[Spearman, AUROC] of the DE baseline against the truth for overexpression (A.1 → B.1), 2 floats")
+def _check_11_1(answer):
+    if isinstance(answer, str) or not hasattr(answer, "__len__") or len(answer) != 2:
+        raise _Refused("the answer should be a list of 2 floats: [spearman, auroc] of the DE row of ranking_table")
+    spearman, auroc = (as_number(value, "a score") for value in answer)
+    over, delete = _ref_11_tables()["overexpress"], _ref_11_tables()["delete"]
+    s_status, s_why = judge_number(spearman, over["spearman"], rtol=0.01, close=0.05, what="the Spearman correlation")
+    a_status, a_why = judge_number(auroc, over["auroc"], rtol=0.01, close=0.05, what="the AUROC")
+    if s_status == a_status == "right": return "right", "both match: the same ranking quality by Spearman, a different one by AUROC"
+    if abs(auroc - delete["auroc"]) < 0.005 and abs(auroc - over["auroc"]) > 0.01:
+        return "wrong", "that AUROC is the one for deletion: pass mode='overexpress' to true_shift AND de_baseline"
+    if spearman < 0 or auroc < 0.5:
+        return "wrong", "below random: the DE score must flip with the mode too (de_baseline(..., mode='overexpress')), as the truth does"
+    return ("close" if "wrong" not in (s_status, a_status) else "wrong"), "; ".join(why for status, why in ((s_status, s_why), (a_status, a_why)) if status != "right")
+
+# %% ../nbs/17_exercises.ipynb #3821a7e7
+@exercise("11.2", asks="the Spearman correlation of the DE baseline with the true shift over the 20 TFs only (deletion, A.1 → B.1), a float")
+def _check_11_2(answer):
+    tables = _ref_11_tables()
+    value = as_number(answer, "the Spearman correlation")
+    if abs(value - tables["delete"]["spearman"]) < 0.005 and abs(value - tables["tfs"]["spearman"]) > 0.01:
+        return "wrong", "that is the correlation over all candidate genes: score only the TFs (sim.uns['truth']['tfs'])"
+    return judge_number(value, tables["tfs"]["spearman"], rtol=0.01, close=0.05, what="the Spearman correlation over the TFs")
+
+# %% ../nbs/17_exercises.ipynb #47fed872
+_OPTIONS_11_3 = {
+    "a": "No: a TF's knockout is simulated with the same knockout signal as any other gene's; what differs is what the "
+         "network does with it afterwards.",
+    "b": "Yes. For a gene that is no TF, τ is its own log-expression difference times log κ, which DE reads directly. A "
+         "TF's knockout also travels through the network (propagate) to its targets, so its τ adds the targets' steps: "
+         "a TF barely different between the two types can still move many targets toward (or away from) the target type, "
+         "and DE, which sees only the TF's own difference, misses that.",
+    "c": "No: log-normalisation rescales every gene of a cell by the same factor; it does not treat TFs differently, and "
+         "the truth τ is computed on log-rates, without any normalisation.",
+    "d": "No: the TFs are expressed like other genes in the simulator, and the 20 TFs are scored from all their cells; "
+         "too few counts would add noise, not the systematic gap the network creates.",
+}
+
+
+@exercise("11.3", asks="one letter, a–d: why DE ranks the TFs worse than the other genes")
+def _check_11_3(answer): return judge_choice(answer, "b", _OPTIONS_11_3)
+
+# %% ../nbs/17_exercises.ipynb #c2eb0070
+@functools.cache
+def _ref_12_data():
+    "The chapter's simulated world, its true edges, the TFs and genes, and the log-normalised values (float64)."
+    from scfoundation.simulate import simulate
+    from scfoundation.data import log_normalise
+    import scfoundation.grn as grn
+    sim = simulate(n_cells=800, n_genes=200, n_tfs=20, edge_density=0.1, n_cell_types=4, lineage_depth=2,
+                   n_batches=1, perturbations=("ko:tf0", "ko:tf3"), perturbed_fraction=0.3, library_log_mean=7.0, seed=0)
+    tfs, genes = [str(g) for g in sim.uns["truth"]["tfs"]], [str(g) for g in sim.var_names]
+    return sim, grn.truth_edges(sim), tfs, genes, log_normalise(sim).toarray().astype(np.float64)
+
+
+def _ref_12_by_kind(scores: pd.DataFrame, edges: pd.DataFrame, activating: bool) -> float:
+    "AUPRC of `scores` for one kind of edge, the pairs that are edges of the other kind left out."
+    import scfoundation.grn as grn
+    kind = (edges["weight"] > 0) if activating else (edges["weight"] < 0)
+    other = set(zip(edges["regulator"][~kind], edges["target"][~kind]))
+    keep = [pair not in other for pair in zip(scores["regulator"], scores["target"])]
+    return float(grn.auprc_table({"s": scores[keep].reset_index(drop=True)}, edges[kind]).loc["s", "auprc"])
+
+
+@functools.cache
+def _ref_12_figures() -> dict:
+    import scfoundation.grn as grn
+    sim, edges, tfs, genes, logged = _ref_12_data()
+    pearson = grn.correlation_baseline(sim, tfs, genes)
+    correlation = np.corrcoef(logged.T)
+    rows = sim.var_names.get_indexer(tfs)
+    signed = grn.long_scores(correlation[rows], tfs, genes)
+    precision = np.linalg.inv(correlation)
+    scale = np.sqrt(np.diag(precision))
+    partial = grn.long_scores(np.abs(-precision / np.outer(scale, scale))[rows], tfs, genes)
+    table = grn.auprc_table({"pearson": pearson, "partial": partial}, edges)
+    return {"by_kind": (_ref_12_by_kind(pearson, edges, True), _ref_12_by_kind(pearson, edges, False)),
+            "signed_repressing": _ref_12_by_kind(signed, edges, False),
+            "pearson": float(table.loc["pearson", "auprc"]), "partial": float(table.loc["partial", "auprc"])}
+
+
+@exercise("12.1", asks="[AUPRC of |Pearson| on the activating edges, the same on the repressing edges], 2 floats")
+def _check_12_1(answer):
+    if isinstance(answer, str) or not hasattr(answer, "__len__") or len(answer) != 2:
+        raise _Refused("the answer should be a list of 2 floats: [activating, repressing]")
+    given = [as_number(value, "an AUPRC") for value in answer]
+    wanted, overall = _ref_12_figures()["by_kind"], _ref_12_figures()["pearson"]
+    if any(not 0 <= value <= 1 for value in given): return "wrong", "an AUPRC lies between 0 and 1"
+    if given[0] < given[1] and wanted[0] > wanted[1] and abs(given[0] - wanted[1]) < 0.01 * wanted[1] + 1e-4:
+        return "wrong", "the two look swapped: weight > 0 marks an activating edge"
+    if any(abs(value - overall) < 0.002 for value in given):
+        return "wrong", "one of them is the AUPRC over all edges: give auprc_table only one kind of edge as the truth"
+    verdicts = [judge_number(value, expected, rtol=0.02, close=0.15, what=f"the {name} AUPRC")
+                for value, expected, name in zip(given, wanted, ("activating", "repressing"))]
+    if all(status == "right" for status, _ in verdicts): return "right", "both match; compare each with its own random_auprc"
+    status = "close" if all(s != "wrong" for s, _ in verdicts) else "wrong"
+    return status, "; ".join(why for s, why in verdicts if s != "right") + " (were the other kind's edges left out of the pairs?)"
+
+# %% ../nbs/17_exercises.ipynb #03a47a9e
+_OPTIONS_12_2 = {
+    "a": "Yes. A repressor's targets go down when it goes up, so their correlation (or cosine) with it is negative. Ranked "
+         "by the signed score they fall below the unrelated pairs, whose scores sit near 0, to the very bottom of the "
+         "ranking, and the AUPRC drops below the random one. |r| ranks a strong negative link as high as a strong positive one.",
+    "b": "No: repressing edges are the minority here (about a quarter of the edges), but rarity lowers the random AUPRC "
+         "for any score; it does not by itself push a method below that random level.",
+    "c": "No: the correlation is computed over all cells of the simulation, and the repressed targets are expressed in "
+         "them; the sign of r, not missing values, is what changes the ranking.",
+    "d": "No: the network's weights enter the score only through the data; the sign of a weight shows up as the sign of "
+         "the correlation, which is exactly what the absolute value discards.",
+}
+
+
+@exercise("12.2", asks="one letter, a–d: why ranking by the signed correlation (absolute=False) fails on repressing edges")
+def _check_12_2(answer): return judge_choice(answer, "a", _OPTIONS_12_2)
+
+# %% ../nbs/17_exercises.ipynb #057b8b02
+@exercise("12.3", asks="the AUPRC of |partial correlation| over the chapter's candidate pairs (TFs × genes), a float")
+def _check_12_3(answer):
+    value, figures = as_number(answer, "the AUPRC"), _ref_12_figures()
+    if not 0 <= value <= 1: return "wrong", "an AUPRC lies between 0 and 1"
+    if abs(value - figures["pearson"]) < 0.002:
+        return "wrong", "that is the AUPRC of |Pearson|: partial correlations come from the inverse of the correlation matrix"
+    status, why = judge_number(value, figures["partial"], rtol=0.02, close=0.1, what="the AUPRC")
+    if status != "right": why += " (correlation of log_normalise(sim) over all 200 genes, its inverse P, -P_ij / sqrt(P_ii P_jj), absolute value)"
+    return status, why
+
+# %% ../nbs/17_exercises.ipynb #7078f2a1
+@functools.cache
+def _ref_13_pbmc():
+    "The default data mapped onto gene tokens, and its vocabulary."
+    from scfoundation.data import load_pbmc68k
+    from scfoundation.genes import Vocab, map_genes
+    pbmc = map_genes(load_pbmc68k())
+    return pbmc, Vocab.from_adata(pbmc)
+
+
+@functools.cache
+def _ref_13_kegg_genes() -> int:
+    from scfoundation.prior import gene_set_features
+    _, vocab = _ref_13_pbmc()
+    _, missing = gene_set_features(vocab, "KEGG")
+    return int(len(vocab.genes) - missing.sum())
+
+
+@exercise("13.1", asks="the number of pbmc68k vocabulary genes that get a KEGG vector (not missing), an integer")
+def _check_13_1(answer):
+    value, expected = as_number(answer, "a number of genes"), _ref_13_kegg_genes()
+    _, vocab = _ref_13_pbmc()
+    if 0 < value <= 1: return "wrong", "pass the number of genes, not the fraction"
+    if value == len(vocab) - _ref_13_kegg_genes() or value == len(vocab.genes) - expected:
+        return "wrong", "that counts the genes WITHOUT a KEGG vector: the flags mark what is missing"
+    if value == expected + (len(vocab) - len(vocab.genes)): return "wrong", "the special tokens carry no prior: count genes only"
+    return judge_number(value, expected, rtol=0.0, close=0.02, what="the number of genes", atol=0.5)
+
+# %% ../nbs/17_exercises.ipynb #a2c8da4e
+@functools.cache
+def _ref_13_homology() -> tuple:
+    "Counts lost under one_to_many='drop' and counts added under 'copy', for the mouse-style pbmc68k of exercise 13.2."
+    import warnings
+    from anndata import AnnData
+    from scfoundation.prior import homology_vocab_map
+    pbmc, _ = _ref_13_pbmc()
+    mouse_style = lambda symbol: symbol[:1] + symbol[1:].lower()
+    names = [mouse_style(name) for name in pbmc.var_names]
+    table = pd.DataFrame({"species_gene": names, "human_gene": list(pbmc.var_names)})
+    table.loc[len(table)] = [names[0], pbmc.var_names[1]]
+    mouse = AnnData(X=pbmc.X.copy(), obs=pbmc.obs.copy(), var=pd.DataFrame(index=names))
+    total = float(pbmc.X.sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dropped = float(homology_vocab_map(mouse, table, one_to_many="drop").X.sum())
+        copied = float(homology_vocab_map(mouse, table, one_to_many="copy").X.sum())
+    return total - dropped, copied - total
+
+
+@exercise("13.2", asks="[counts lost under one_to_many='drop', counts added under 'copy'], 2 numbers (totals of X, input minus output and output minus input)")
+def _check_13_2(answer):
+    if isinstance(answer, str) or not hasattr(answer, "__len__") or len(answer) != 2:
+        raise _Refused("the answer should be a list of 2 numbers: [lost with drop, added with copy]")
+    lost, added = (as_number(value, "a number of counts") for value in answer)
+    wanted = _ref_13_homology()
+    if lost < 0 or added < 0: return "wrong", "both are counted as positive numbers: input minus output for drop, output minus input for copy"
+    if 0 < lost < 1 and 0 < added < 1: return "wrong", "pass counts (sums of X), not fractions"
+    verdicts = [judge_number(value, expected, rtol=0.001, close=0.05, what=name)
+                for value, expected, name in ((lost, wanted[0], "the counts lost with drop"), (added, wanted[1], "the counts added with copy"))]
+    if all(s == "right" for s, _ in verdicts): return "right", "both match: one rule loses exactly what the other invents"
+    status = "close" if all(s != "wrong" for s, _ in verdicts) else "wrong"
+    return status, "; ".join(why for s, why in verdicts if s != "right")
+
+# %% ../nbs/17_exercises.ipynb #8c53abe6
+_OPTIONS_13_3 = {
+    "a": "No: zero projections do not save memory or time: the prior vectors are stored as buffers and projected in "
+         "every forward pass from the first step on.",
+    "b": "No: zeros are not what keeps the prior from leaking the hidden gene; that is why the special tokens (<mask> "
+         "among them) carry zero vectors and no missing flag.",
+    "c": "Yes. With P_s = 0 the embedding E_g + Σ P_s f_s(g) equals E_g, so with the same seed the model with the prior "
+         "starts exactly as the model without it. Both arms of the ablation begin from the same function, and every "
+         "difference at the end is what training chose to take from the prior.",
+    "d": "No: a zero weight matrix still gets gradients (the gradient of P_s is the outer product of the upstream gradient "
+         "and f_s(g), which is not zero), so the projections do train; they are not frozen by starting at zero.",
+}
+
+
+@exercise("13.3", asks="one letter, a–d: why the prior's projections P_s start at zero")
+def _check_13_3(answer): return judge_choice(answer, "c", _OPTIONS_13_3)
+
+# %% ../nbs/17_exercises.ipynb #8db20a7b
+@functools.cache
+def _ref_14_corpus_figures() -> dict:
+    "The chapter's two simulated studies built with shard_size=64: shard count, and mean distinct shards per batch of 32."
+    import tempfile
+    from pathlib import Path
+    from scfoundation.corpus import Corpus, CorpusDataset, build_corpus, corpus_vocab
+    from scfoundation.simulate import SimConfig, simulate_to_h5ad
+    from scfoundation.tokenization import BinningTokenizer
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        study_a = simulate_to_h5ad(SimConfig(n_cells=300, n_genes=200, seed=1), folder / "study_a.h5ad")
+        study_b = simulate_to_h5ad(SimConfig(n_cells=200, n_genes=150, seed=2), folder / "study_b.h5ad")
+        vocab = corpus_vocab([study_a, study_b])
+        manifest = build_corpus([study_a, study_b], folder / "corpus", vocab, shard_size=64, workers=1, progress=False)
+        corpus, tokenizer = Corpus(folder / "corpus"), BinningTokenizer(vocab, max_length=64)
+        touched = {}
+        for buffer in (64, len(corpus)):
+            dataset = CorpusDataset(corpus, tokenizer, batch_size=32, seed=0, shuffle_buffer=buffer)
+            shards = [np.unique(np.searchsorted(corpus.first_cells, dataset.batch_cells(0, batch), side="right") - 1).size
+                      for batch in range(dataset.batches_per_epoch)]
+            touched[buffer] = float(np.mean(shards))
+        return {"n_shards": len(manifest["shards"]), "n_cells": int(manifest["n_cells"]), "touched": (touched[64], touched[len(corpus)])}
+
+
+@exercise("14.1", asks="the number of shards build_corpus writes for study_a and study_b with shard_size=64, an integer")
+def _check_14_1(answer):
+    value, figures = as_number(answer, "the number of shards"), _ref_14_corpus_figures()
+    if value == figures["n_shards"]: return "right", "the number of shards matches: each source is cut into its own shards"
+    if value == -(-figures["n_cells"] // 64):
+        return "wrong", "that is the count for one stream of all cells; a shard is a row range of ONE source file: count per file"
+    if value != int(value): return "wrong", "a number of shards is a whole number"
+    return "wrong", f"the number of shards is {'too high' if value > figures['n_shards'] else 'too low'}: count the shard-* folders (or manifest['shards'])"
+
+# %% ../nbs/17_exercises.ipynb #d5d918e7
+@exercise("14.2", asks="[mean distinct shards per batch with shuffle_buffer=64, the same with shuffle_buffer=len(corpus)], 2 floats")
+def _check_14_2(answer):
+    if isinstance(answer, str) or not hasattr(answer, "__len__") or len(answer) != 2:
+        raise _Refused("the answer should be a list of 2 floats: [with shuffle_buffer=64, with shuffle_buffer=len(corpus)]")
+    local, full = (as_number(value, "a mean number of shards") for value in answer)
+    wanted = _ref_14_corpus_figures()["touched"]
+    if local > full: return "wrong", "the local shuffle should touch fewer shards per batch than the full one; the two look swapped"
+    verdicts = [judge_number(value, expected, rtol=0.02, close=0.1, what=name)
+                for value, expected, name in ((local, wanted[0], "the local-shuffle mean"), (full, wanted[1], "the full-shuffle mean"))]
+    if all(status == "right" for status, _ in verdicts): return "right", "both means match"
+    if any(value < 1 for value in (local, full)): return "wrong", "every batch touches at least one shard: count distinct shards per batch, then average over the 15 batches"
+    status = "close" if all(s in ("right", "close") for s, _ in verdicts) else "wrong"
+    return status, "; ".join(why for s, why in verdicts if s != "right") + " (epoch 0, seed=0, batch_size=32, every batch of the epoch)"
+
+# %% ../nbs/17_exercises.ipynb #ce841aba
+_OPTIONS_14_3 = {
+    "a": "No: a checksum is slower to compute than a modification time, not faster; the manifest pays that price for what "
+         "a time cannot tell.",
+    "b": "Yes. A modification time says when a file was written, not what it holds: a file restored from a backup, or "
+         "rewritten with other cells by a tool that keeps the times, looks unchanged; a copy or a `touch` looks changed "
+         "though nothing is. The SHA-256 changes exactly when the content does, so resuming rebuilds exactly the shards "
+         "of sources whose cells changed.",
+    "c": "No: a modification time is there after a crash too; the shards' completeness is decided by the atomic rename "
+         "and by each shard's own checksums, not by the source's time.",
+    "d": "No: a checksum of the source says nothing about the vocabulary; the shards record the vocabulary's gene_version "
+         "separately, and a corpus built with other genes is refused for that reason.",
+}
+
+
+@exercise("14.3", asks="one letter, a–d: what the sources' sha256 in the manifest catches that a modification time would not")
+def _check_14_3(answer): return judge_choice(answer, "b", _OPTIONS_14_3)
+
+# %% ../nbs/17_exercises.ipynb #a0bea7f3
+def _ref_15_inputs():
+    "The two inputs of 15.1: pbmc68k with its counts in layers['counts'] and X log-normalised (times 1 and times 1.7)."
+    import scfoundation.data as data
+    pbmc = data.load_pbmc68k()
+    inputs = []
+    for factor in (1.0, 1.7):
+        cells = pbmc.copy()
+        cells.layers["counts"] = cells.X.copy()
+        cells.X = data.log_normalise(cells) * factor
+        inputs.append(cells)
+    return inputs
+
+
+@functools.cache
+def _ref_15_sources() -> tuple:
+    from scfoundation.cli import prepare
+    return tuple(prepare(cells, min_genes=50, verbose=False).uns["scf_counts"]["source"] for cells in _ref_15_inputs())
+
+
+def _ref_15_source_name(answer) -> str:
+    if not isinstance(answer, str): raise _Refused(f"each source should be a string such as 'raw' or \"layers['spliced']\", not {type(answer).__name__}")
+    return answer.strip().replace('"', "'").replace(" ", "")
+
+
+@exercise("15.1", asks="[source for X = log_normalise, source for X = 1.7 × log_normalise], two strings as uns['scf_counts']['source'] writes them")
+def _check_15_1(answer):
+    if isinstance(answer, str) or not hasattr(answer, "__len__") or len(answer) != 2:
+        raise _Refused("the answer should be a list of 2 strings, one source per input, e.g. ['raw', \"layers['spliced']\"]")
+    given, wanted = [_ref_15_source_name(a) for a in answer], list(_ref_15_sources())
+    if given == wanted: return "right", "both sources match: X wins only when its values turn back into counts exactly"
+    if given == wanted[::-1]: return "wrong", "the two are swapped: which of the two X matrices can be turned back into whole counts?"
+    why = []
+    for name, value, expected in (("first", given[0], wanted[0]), ("second", given[1], wanted[1])):
+        if value == expected: continue
+        if value in ("counts", "layer", "layers"): why.append(f"{name}: write the source as uns['scf_counts']['source'] does")
+        else: why.append(f"{name}: not the source prepare picks; read uns['scf_counts'] of its output")
+    return ("close" if len(why) == 1 and "write the source" in why[0] else "wrong"), "; ".join(why)
+
+# %% ../nbs/17_exercises.ipynb #bfc923ce
+_OPTIONS_15_2 = {
+    "a": "No: a layer is not ignored; `--layer counts` reads it, and without it prepare looks at X first, then the layers, "
+         "then .raw, and takes the first that holds counts.",
+    "b": "Yes. X is looked at first, and log-normalised values are counts in disguise: log1p of counts scaled to a common "
+         "total can be inverted exactly, so X holds counts. Multiplied by 1.7 they no longer invert to whole numbers, so "
+         "prepare moves on and finds the counts layer.",
+    "c": "No: prepare compares no magnitudes; it looks at X first, then the layers, then .raw, and takes the first that "
+         "holds counts or turns back into them exactly, whatever its size.",
+    "d": "No: both matrices are sparse and of the same size; prepare decides by what the values are, not how they are stored.",
+}
+
+
+@exercise("15.2", asks="one letter, a–d: why prepare takes X for the first input and the layer for the second")
+def _check_15_2(answer): return judge_choice(answer, "b", _OPTIONS_15_2)
+
+# %% ../nbs/17_exercises.ipynb #1066beec
+@functools.cache
+def _ref_15_exit_codes() -> tuple:
+    "Exit codes of `scf prepare pbmc68k OUT` run three times: plain, again, again with --overwrite."
+    import contextlib, io, tempfile
+    from pathlib import Path
+    from scfoundation.cli import main
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        out = str(Path(folder) / "prepared.h5ad")
+        command = ["prepare", "pbmc68k", out, "--min-genes", "50"]
+        return main(command), main(command), main(command + ["--overwrite"])
+
+
+@exercise("15.3", asks="the exit codes of the three runs (first, second, second with --overwrite), a list of 3 integers")
+def _check_15_3(answer):
+    if isinstance(answer, str) or not hasattr(answer, "__len__") or len(answer) != 3:
+        raise _Refused("the answer should be a list of 3 integers, the values `main` returns for the three runs")
+    given, wanted = [as_number(a, "an exit code") for a in answer], _ref_15_exit_codes()
+    if tuple(given) == tuple(float(w) for w in wanted): return "right", "all three exit codes match"
+    wrong = [name for name, g, w in zip(("first", "second", "third"), given, wanted) if g != w]
+    hints = {"first": "the first run writes a new file: what does a command that did its job return?",
+             "second": "the output exists now and --overwrite is not given: run it and print what main returns (the command line prints why)",
+             "third": "with --overwrite an existing output may be replaced"}
+    return "wrong", f"{len(wrong)} of 3 differ: " + " ".join(hints[name] for name in wrong)
+
+# %% ../nbs/17_exercises.ipynb #8d2e7fc7
+@functools.cache
+def _ref_16_series_class() -> str:
+    "The class `read_dictionary` names when a pickled dictionary holds a pandas Series (from the error message)."
+    import pickle, tempfile
+    from pathlib import Path
+    from scfoundation.published import read_dictionary, PublishedModelError
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "medians.pkl"
+        path.write_bytes(pickle.dumps({"medians": pd.Series({"ENSG00000121410": 1.5, "ENSG00000175899": 2.0})}))
+        try: read_dictionary(path)
+        except PublishedModelError as error: return re.search(r"asks for (\S+):", str(error)).group(1)
+    raise RuntimeError("read_dictionary accepted a pandas Series")
+
+
+@exercise("16.1", asks="the class the error of read_dictionary names, as a string 'module.Name' exactly as the message writes it")
+def _check_16_1(answer):
+    if not isinstance(answer, str): raise _Refused(f"the answer should be a string such as 'module.Name', not {type(answer).__name__}")
+    given, wanted = answer.strip().strip("'\""), _ref_16_series_class()
+    if given == wanted: return "right", "that is the class the unpickler refuses, before anything runs"
+    if given.split(".")[-1] == wanted.split(".")[-1]:
+        return "close", "the right class, but not spelled as the message writes it: a pickle names the module where the class is defined"
+    if "numpy" in given or "float" in given.lower():
+        return "wrong", "numpy scalars are admitted (PLAIN_NUMPY): the refused class is the container the medians are kept in"
+    if given in ("dict", "builtins.dict"): return "wrong", "plain dicts need no class at all; look at the value stored under the key"
+    return "wrong", "that is not the class named in the error; run read_dictionary on the file and read the message"
+
+# %% ../nbs/17_exercises.ipynb #a7f44fa1
+_BERT_16_2 = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512, hidden_act="relu")
+
+
+@functools.cache
+def _ref_16_max_len() -> tuple:
+    from scfoundation.published import geneformer_config
+    v1 = geneformer_config({**_BERT_16_2, "max_position_embeddings": 2048}, vocab_size=100, version=1)
+    v2 = geneformer_config({**_BERT_16_2, "max_position_embeddings": 4096}, vocab_size=100, version=2)
+    return v1.max_len, v2.max_len
+
+
+@exercise("16.2", asks="[max_len of the V1 config, max_len of the V2 config], a list of 2 integers")
+def _check_16_2(answer):
+    if isinstance(answer, (str, bytes)) or not hasattr(answer, "__len__") or len(answer) != 2:
+        raise _Refused("the answer should be a list of 2 integers: [max_len for V1, max_len for V2]")
+    v1, v2 = (as_number(value, "max_len") for value in answer)
+    (e1, e2), positions = _ref_16_max_len(), (2048, 4096)
+    wrong = [name for name, value, expected in (("V1", v1, e1), ("V2", v2, e2)) if value != expected]
+    if not wrong: return "right", "both lengths match: one counts a <cls> column the checkpoint has no position for, the other does not"
+    hints = []
+    for name, value, expected, position in (("V1", v1, e1, positions[0]), ("V2", v2, e2, positions[1])):
+        if value == expected: continue
+        if value == position and name == "V1": hints.append("V1: our column 0 is <cls>, which Geneformer V1 does not have; does max_len count it?")
+        elif value == position + 1 and name == "V2": hints.append("V2: its <cls> already has a position in the checkpoint; nothing is added")
+        else: hints.append(f"{name}: start from max_position_embeddings and ask whether our <cls> column needs an extra place")
+    return "wrong", "; ".join(hints)
+
+# %% ../nbs/17_exercises.ipynb #fe499492
+_OPTIONS_16_3 = {
+    "a": "Yes. The extractor's path runs the whole BertForMaskedLM: every layer, the vocabulary head on every token, and "
+         "attention over padding; ours stops at the layer the embedding is read from (-2), has no head, and packs the "
+         "tokens so no work is done on padding. The weights and the outputs are the same (they agree to 1e-6).",
+    "b": "No: both run in fp32 in the benchmark, and the embeddings agree to about 1e-6, which a change of precision "
+         "(bf16 keeps about 3 significant digits) would not give.",
+    "c": "No: nothing is cached between cells; each cell is run once by both paths, on exactly the same tokens "
+         "(our batch is translated back into the peer's ids by geneformer_inputs).",
+    "d": "No: both read the same tokens of the same cells (at most 256 genes each), so neither sees fewer genes; "
+         "the speed-up comes from work ours skips on the same input.",
+}
+
+
+@exercise("16.3", asks="one letter, a–d: where our 2.9× speed-up over Geneformer's extractor comes from")
+def _check_16_3(answer): return judge_choice(answer, "a", _OPTIONS_16_3)
