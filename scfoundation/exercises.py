@@ -154,7 +154,7 @@ def judge_choice(answer, right: str,  # the right option's key
     if key not in options: raise _Refused(f"choose one of {', '.join(map(repr, options))}, not {answer!r}")
     return ("right" if key == right else "wrong"), options[key]
 
-# %% ../nbs/17_exercises.ipynb #6f4ef60d
+# %% ../nbs/17_exercises.ipynb #fdc59a42
 @functools.cache
 def _ref_01_scaled_residual() -> float:
     "The largest distance to an integer that `describe_values` reports for pbmc68k's raw.X times 1.01."
@@ -171,7 +171,7 @@ def _check_01_1(answer):
     if value < 0.2: return "wrong", "that is below the default tolerance of 0.2, which already refuses this matrix"
     return judge_number(value, expected, rtol=0.01, close=0.05, what="the tolerance")
 
-# %% ../nbs/17_exercises.ipynb #658eea1a
+# %% ../nbs/17_exercises.ipynb #042076e1
 @exercise("01.2", asks="the letter of the best reason why accepting that tolerance is a bad idea: 'a', 'b', 'c' or 'd'")
 def _check_01_2(answer):
     return judge_choice(answer, "a", {
@@ -182,7 +182,7 @@ def _check_01_2(answer):
         "d": "No: the tolerance does not change which cells are kept; it decides whether the whole matrix is accepted.",
     })
 
-# %% ../nbs/17_exercises.ipynb #4791a0fa
+# %% ../nbs/17_exercises.ipynb #862d32e2
 @functools.cache
 def _ref_01_captured() -> float:
     "Median over the cells of (counts on the 765 kept genes) / obs['n_counts'] in the default data."
@@ -198,7 +198,7 @@ def _check_01_3(answer):
     if value <= 0: return "wrong", "a fraction of counts is positive"
     return judge_number(value, _ref_01_captured(), rtol=0.03, close=0.15, what="the fraction")
 
-# %% ../nbs/17_exercises.ipynb #2b13bdb1
+# %% ../nbs/17_exercises.ipynb #b023e574
 @functools.cache
 def _ref_01_resilient_types() -> tuple:
     "Cell types of the default data that lose less than half of their cells to filter_cells(min_genes=250)."
@@ -215,7 +215,7 @@ def _check_01_4(answer):
     if isinstance(answer, str): answer = [answer]
     return judge_set(answer, _ref_01_resilient_types(), what="cell types")
 
-# %% ../nbs/17_exercises.ipynb #67d00379
+# %% ../nbs/17_exercises.ipynb #59eedcbf
 _IDS_02_1 = ["SEPT7", "SEPTIN7", "7-Sep", "ENSG00000122545.19"]
 
 
@@ -234,7 +234,7 @@ def _check_02_1(answer):
     if not wrong: return "right", "all four match kinds"
     return ("close" if len(wrong) == 1 else "wrong"), f"{len(wrong)} of 4 wrong, e.g. the kind of {wrong[0]}"
 
-# %% ../nbs/17_exercises.ipynb #345d0c3a
+# %% ../nbs/17_exercises.ipynb #f0dc5121
 @functools.cache
 def _ref_02_genes_of_alias(alias: str = "C7orf55") -> tuple:
     "Tokens of the genes of the shipped table that list `alias` among their aliases."
@@ -253,7 +253,7 @@ def _check_02_2(answer):
         why += ": an alias that named one gene only would not be ambiguous"
     return status, why
 
-# %% ../nbs/17_exercises.ipynb #2e8b4b05
+# %% ../nbs/17_exercises.ipynb #d07122f7
 @functools.cache
 def _ref_02_vocab_sizes() -> tuple:
     "Genes in Vocab.from_adata(map_genes(pbmc), min_cells=1) and min_cells=50."
@@ -276,7 +276,7 @@ def _check_02_3(answer):
         if given[0] == 765: return "wrong", "765 is the number of columns before mapping; the vocabulary holds mapped genes"
     return judge_array(answer, expected, what="the two vocabulary sizes")
 
-# %% ../nbs/17_exercises.ipynb #e629e7db
+# %% ../nbs/17_exercises.ipynb #1867e081
 @exercise("02.4", asks="the letter of the best reason why a content hash is safer than a counter such as 'v2': 'a', 'b', 'c' or 'd'")
 def _check_02_4(answer):
     return judge_choice(answer, "a", {
@@ -288,7 +288,7 @@ def _check_02_4(answer):
         "d": "No: a hash does not encrypt anything; the tokens stay readable in vocab.json. It names the content, that is all.",
     })
 
-# %% ../nbs/17_exercises.ipynb #a1626adb
+# %% ../nbs/17_exercises.ipynb #67d1e544
 @functools.cache
 def _ref_03_pbmc():
     "The chapter's PBMC cells, their vocabulary with medians from the same cells, and the column token ids."
@@ -328,7 +328,7 @@ def _check_03_1(answer):
     if abs(value - expected) <= 6: return "close", f"the overlap is too {side} for a typical seed: thin the counts (binomial, p = 0.2), keep the vocabulary's medians"
     return "wrong", (f"the overlap is much too {side}" + (": did the cell really lose 80% of its counts, and did you tokenize the thinned cell?" if side == "high" else ""))
 
-# %% ../nbs/17_exercises.ipynb #c8f15538
+# %% ../nbs/17_exercises.ipynb #01407739
 @functools.cache
 def _ref_03_top_with_unit_medians() -> tuple:
     "The first 5 rank-value genes of PBMC cell 0 when every median is 1."
@@ -347,7 +347,7 @@ def _check_03_2(answer):
     if "<cls>" in given: return "wrong", "leave out <cls>: the 5 genes after it"
     return judge_set(given, _ref_03_top_with_unit_medians(), what="genes", close=0.4)
 
-# %% ../nbs/17_exercises.ipynb #117002b8
+# %% ../nbs/17_exercises.ipynb #9b03fd63
 def _ref_03_bins() -> np.ndarray:
     "quantile_bins with B = 5 of the log-normalised values of counts (1, 1, 1, 1, 10)."
     from scfoundation.tokenization import quantile_bins
@@ -364,7 +364,7 @@ def _check_03_3(answer):
         if given.max() > 4: return "wrong", "with B = 5 the bins run from 1 to B - 1 = 4"
     return judge_array(answer, expected, what="the bins")
 
-# %% ../nbs/17_exercises.ipynb #df69612f
+# %% ../nbs/17_exercises.ipynb #9955be02
 @functools.cache
 def _ref_03_zero_filled() -> tuple:
     "Length of PBMC cell 0's tokens with BinningTokenizer(max_length=1200, include_zeros=True), and the share with value id 1."
@@ -389,7 +389,7 @@ def _check_03_5(answer):
     if np.isclose(value, 1 - expected, atol=0.01): return "wrong", "that is the share of the other tokens: value id 1 marks the genes with zero counts"
     return judge_number(value, expected, rtol=0.01, close=0.1, what="the fraction")
 
-# %% ../nbs/17_exercises.ipynb #a2ab42f6
+# %% ../nbs/17_exercises.ipynb #9deed17d
 @exercise("04.1", asks="program_weights for a cell at pseudotime 0.5 in a lineage of depth 3: the weight of each level, a list of 3 floats")
 def _check_04_1(answer):
     from scfoundation.simulate import program_weights
@@ -399,7 +399,7 @@ def _check_04_1(answer):
         return "wrong", "the levels do not switch on together: each one starts when the one above is full"
     return judge_array(answer, expected, what="the weights", atol=1e-6)
 
-# %% ../nbs/17_exercises.ipynb #293e687a
+# %% ../nbs/17_exercises.ipynb #e7c3d9b1
 @exercise("04.2", asks="the pseudotime t after which two sister cell types (same parent) of a depth-3 lineage start to differ in expected expression, a float")
 def _check_04_2(answer):
     value = as_number(answer, "a pseudotime")
@@ -407,7 +407,7 @@ def _check_04_2(answer):
     if np.isclose(value, 1 / 3, atol=0.01): return "wrong", "before that, every cell looks like the root; sisters share more than the first level"
     return judge_number(value, 2 / 3, rtol=0.02, close=0.1, what="the pseudotime")
 
-# %% ../nbs/17_exercises.ipynb #136576fa
+# %% ../nbs/17_exercises.ipynb #2e8c3d0c
 _SIM_04 = dict(n_cells=500, n_genes=200, n_tfs=20, seed=0)
 
 
@@ -426,7 +426,7 @@ def _check_04_3(answer):
     if np.isclose(value, 1.0, atol=0.01): return "wrong", "the library size does change: dropout zeroes counts, and a cell's total is their sum"
     return judge_number(value, _ref_04_dropout_ratio(), rtol=0.03, close=0.15, what="the ratio")
 
-# %% ../nbs/17_exercises.ipynb #5777f2a8
+# %% ../nbs/17_exercises.ipynb #9187508d
 @exercise("04.4", asks="the letter of the right statement about telling zero-inflation (dropout) from a larger NB dispersion with the zero-fraction-vs-mean plot alone: 'a', 'b', 'c' or 'd'")
 def _check_04_4(answer):
     return judge_choice(answer, "b", {
@@ -438,7 +438,7 @@ def _check_04_4(answer):
         "d": "No: the zero fraction changes visibly with dropout = 0.3; the question is whether something else could make the same change.",
     })
 
-# %% ../nbs/17_exercises.ipynb #608af387
+# %% ../nbs/17_exercises.ipynb #4bac3c7b
 @functools.cache
 def _ref_05_break_even() -> float:
     "Cell length (tokens) at which attention FLOPs equal the dense layers' FLOPs in geneformer-6l (from count_flops' formula)."
@@ -461,7 +461,7 @@ def _check_05_1(answer):
     if value <= 0: return "wrong", "a cell length is positive"
     return judge_number(value, _ref_05_break_even(), rtol=0.02, close=0.2, what="the length")
 
-# %% ../nbs/17_exercises.ipynb #970f03f3
+# %% ../nbs/17_exercises.ipynb #7ec7222b
 @functools.cache
 def _ref_05_unchanged() -> float:
     "Share of the masked positions that keep their gene with bert_style=True, on random_batch(teaching, [900] * 40, seed=0)."
@@ -480,7 +480,7 @@ def _check_05_2(answer):
     if np.isclose(value, 0.2, atol=0.03): return "wrong", "that counts the random genes too; a random gene is not the original one"
     return judge_number(value, _ref_05_unchanged(), rtol=0.05, close=0.3, what="the fraction")
 
-# %% ../nbs/17_exercises.ipynb #7ea0d2e6
+# %% ../nbs/17_exercises.ipynb #e27fcf2f
 @exercise("05.3", asks="the letter of the best reason why BERT keeps 10% of the chosen tokens unchanged: 'a', 'b', 'c' or 'd'")
 def _check_05_3(answer):
     return judge_choice(answer, "c", {
@@ -492,7 +492,7 @@ def _check_05_3(answer):
         "d": "No: the share of masked positions is set by mask_prob; the 80/10/10 rule only decides what the chosen positions hold.",
     })
 
-# %% ../nbs/17_exercises.ipynb #732653d5
+# %% ../nbs/17_exercises.ipynb #91102b33
 @functools.cache
 def _ref_05_asymmetric_ratio(zero_fraction: float = 0.5) -> float:
     "count_flops total, asymmetric over symmetric, for the chapter's continuous teaching comparison at `zero_fraction`."
@@ -510,7 +510,472 @@ def _check_05_4(answer):
     if np.isclose(value, _ref_05_asymmetric_ratio(0.8), rtol=0.02): return "wrong", "that is the ratio at the chapter's zero_fraction of 0.8; set it to 0.5"
     return judge_number(value, _ref_05_asymmetric_ratio(), rtol=0.02, close=0.1, what="the ratio")
 
-# %% ../nbs/17_exercises.ipynb #70a76a49
+# %% ../nbs/17_exercises.ipynb #1fff3f96
+def _teaching_train_config():
+    "The chapter's teaching run: 80 steps of 16 cells, peak lr 2e-3 after 8 warmup steps."
+    from scfoundation.train import TrainConfig
+    return TrainConfig(steps=80, batch_size=16, lr=2e-3, warmup_steps=8, save_every=40, log_every=10)
+
+
+@functools.cache
+def _ref_06_pbmc():
+    "The chapter's cells: pbmc68k with genes mapped onto the gene table."
+    from scfoundation.data import load_pbmc68k
+    from scfoundation.genes import map_genes
+    return map_genes(load_pbmc68k())
+
+# %% ../nbs/17_exercises.ipynb #d37fc061
+@exercise("06.1", asks="the learning rate of the teaching run at 0-based step 43, a float")
+def _check_06_1(answer):
+    from scfoundation.train import learning_rate
+    expected, value = learning_rate(43, _teaching_train_config()), as_number(answer, "the learning rate")
+    if not np.isclose(value, expected, rtol=0.02):
+        config = _teaching_train_config()
+        for step, slip in ((42, "0-based step 42"), (44, "0-based step 44")):
+            if np.isclose(value, learning_rate(step, config), rtol=1e-3):
+                return "close", f"that is the rate of {slip}: steps count from 0, and step 43 is the 44th step"
+        if np.isclose(value, 0.5 * config.lr * (1 + np.cos(np.pi * 35 / 71)), rtol=1e-3):
+            return "wrong", "that cosine ends at 0, but this one ends at the floor lr * min_lr_ratio"
+    return judge_number(value, expected, rtol=1e-3, close=0.05, what="the learning rate")
+
+# %% ../nbs/17_exercises.ipynb #a3ecef2a
+@functools.cache
+def _ref_06_twice():
+    "Cells of pbmc68k that the teaching run's 80 steps take exactly twice."
+    from scfoundation.train import micro_batch_indices
+    config, n_cells = _teaching_train_config(), _ref_06_pbmc().n_obs
+    visits = np.concatenate([rows for step in range(config.steps) for rows in micro_batch_indices(step, n_cells, config)])
+    return int((np.bincount(visits, minlength=n_cells) == 2).sum())
+
+
+@exercise("06.2", asks="how many cells of pbmc68k the teaching run (80 steps of 16) shows to the model exactly twice, an integer")
+def _check_06_2(answer):
+    value, expected = as_number(answer, "the number of cells"), _ref_06_twice()
+    steps_per_epoch = _ref_06_pbmc().n_obs // 16
+    if value != expected and value == (80 - steps_per_epoch) * 16:
+        return "wrong", ("that takes every cell of the second epoch as a repeat; but the first epoch dropped its last, "
+                         "incomplete batch, and the second epoch's permutation is another one")
+    if value == 80 * 16 - _ref_06_pbmc().n_obs and value != expected:
+        return "wrong", "that assumes every cell was seen at least once and none three times: check both"
+    return judge_number(value, expected, rtol=0, close=0.01, what="the number of cells")
+
+# %% ../nbs/17_exercises.ipynb #ec743b0f
+@functools.cache
+def _ref_06_masked():
+    "Gene tokens hidden in the first micro-batch of step 0 of the teaching run, with the loop's seed."
+    from scfoundation.model import ModelConfig, mask_batch
+    from scfoundation.train import derived_seed, training_stream
+    config, model_config = _teaching_train_config(), ModelConfig.named("teaching")
+    batch = next(training_stream(_ref_06_pbmc(), model_config, config).batches(0))
+    masked = mask_batch(batch, model_config, config.mask_prob, seed=derived_seed(config.seed, 0, 0, 0))
+    return int(masked["mask_positions"].sum())
+
+
+@exercise("06.3", asks="the number of gene tokens hidden in step 0 of the teaching run, an integer")
+def _check_06_3(answer):
+    value, expected = as_number(answer, "the number of masked tokens"), _ref_06_masked()
+    if value == expected: return "right", "the number of masked tokens matches"
+    if abs(value - expected) <= 0.15 * expected:
+        return "close", ("that is about the expected count, but each position is hidden by its own draw: "
+                         "count mask_positions of the batch masked with the loop's seed")
+    return judge_number(value, expected, rtol=0, close=0, what="the number of masked tokens")
+
+# %% ../nbs/17_exercises.ipynb #799e8337
+_OPTIONS_06_4 = {
+    "a": "No: at step 0 a step of 16 cells takes the same rows of the same permutation whether it comes as one "
+         "micro-batch of 16 or four of 4, and the loss is weighted by masked-token counts, so its definition is the same. "
+         "(From the second epoch on the cells do differ, as 700 cells make 175 micro-batches of 4 but 43 of 16, but that "
+         "does not explain step 0.)",
+    "b": "Yes: a cell's mask is drawn from the seed of (seed, step, micro-batch). Cells that move to micro-batches 1, 2, 3 get "
+         "other masks, so the model predicts other genes; the order of the float sums changes too, a far smaller effect.",
+    "c": "No: dropout is seeded by (seed, step, process), not by the micro-batch, so it is the same in both runs; and a "
+         "different dropout would not change the masked genes.",
+    "d": "No: AdamW sees one gradient per step in both runs, and the learning rate is a function of the step alone.",
+}
+
+
+@exercise("06.4", asks="why grad_accum=4 gives another loss than grad_accum=1 already at step 0: one letter, 'a' to 'd'")
+def _check_06_4(answer):
+    "a: other cells in a step; b: other masks; c: other dropout; d: other optimizer steps or rates."
+    return judge_choice(answer, "b", _OPTIONS_06_4)
+
+# %% ../nbs/17_exercises.ipynb #86a400de
+_OPTIONS_06_5 = {
+    "a": "No: read_checkpoint reads every file into memory, but safetensors checks only that the header and the sizes fit. "
+         "A byte flipped inside the tensor data is a different, valid float, and without checksums.json nothing compares it.",
+    "b": "Not so: the checksums are gone, and safetensors has no checksum of its own. Only a damaged header or a file of the "
+         "wrong length makes it refuse to read.",
+    "c": "Not so: the weights still have the shapes of the model, so check_resumable finds nothing wrong; it compares "
+         "shapes and settings, not values.",
+    "d": "Not so: the loop checks the loss, not the weights, and one changed float rarely makes the loss infinite; "
+         "the run would quietly go on from slightly different weights.",
+}
+
+
+@exercise("06.5", asks="whether read_checkpoint notices one byte corrupted in the middle of model.safetensors once "
+                       "checksums.json is deleted: one letter, 'a' to 'd'")
+def _check_06_5(answer):
+    "a: it does not; b: safetensors refuses it; c: check_resumable refuses it; d: the first step's loss shows it."
+    return judge_choice(answer, "a", _OPTIONS_06_5)
+
+# %% ../nbs/17_exercises.ipynb #29ac6fa0
+@functools.cache
+def _ref_07_pbmc():
+    "The chapter's cells (pbmc68k, genes mapped) and their cell types."
+    from scfoundation.data import load_pbmc68k
+    from scfoundation.genes import map_genes
+    from scfoundation.evaluate import get_labels
+    pbmc = map_genes(load_pbmc68k())
+    return pbmc, get_labels(pbmc, "cell_type")
+
+
+@functools.cache
+def _ref_07_majority():
+    "Accuracy on the chapter's test split (30 %, seed 0) of always predicting the training split's most frequent type."
+    from scfoundation.evaluate import stratified_split
+    _, labels = _ref_07_pbmc()
+    is_test = stratified_split(labels, 0.3, seed=0)
+    majority = pd.Series(labels[~is_test]).value_counts().index[0]
+    return float((labels[is_test] == majority).mean())
+
+
+@exercise("07.1", asks="the test accuracy of always predicting the most frequent training type (the chapter's split), a float in [0, 1]")
+def _check_07_1(answer):
+    value = as_number(answer, "the accuracy")
+    if value > 1: raise _Refused("an accuracy is a fraction in [0, 1], not a percentage")
+    if np.isclose(value, 0.1, atol=0.005): return "wrong", "that is one type in ten: but the types are not balanced"
+    return judge_number(value, _ref_07_majority(), rtol=0.01, close=0.1, what="the accuracy")
+
+# %% ../nbs/17_exercises.ipynb #a7f6c8e0
+_GRID_07_2 = ((100, 10), (100, 50), (751, 10), (751, 50))  # (n_hvg, n_comps)
+
+@functools.cache
+def _ref_07_grid():
+    "kNN accuracy of `pca_baseline` for each (n_hvg, n_comps) of the grid, with the chapter's defaults otherwise."
+    from scfoundation.evaluate import knn_accuracy, pca_baseline
+    pbmc, labels = _ref_07_pbmc()
+    pbmc = pbmc.copy()
+    return np.array([knn_accuracy(pca_baseline(pbmc, n_hvg=n_hvg, n_comps=n_comps), labels) for n_hvg, n_comps in _GRID_07_2])
+
+
+@exercise("07.2", asks="the kNN accuracy of pca_baseline for (n_hvg, n_comps) = (100, 10), (100, 50), (751, 10), (751, 50), "
+                       "in that order: a list of 4 floats")
+def _check_07_2(answer):
+    status, why = judge_array(answer, _ref_07_grid(), what="the accuracies", rtol=0, atol=1e-3)
+    given = np.asarray(answer, dtype=float)
+    if status != "right" and given.shape == (len(_GRID_07_2),) and np.allclose(np.sort(given), np.sort(_ref_07_grid()), atol=1e-3):
+        return "close", "the values are right but not in the order asked for: (100, 10), (100, 50), (751, 10), (751, 50)"
+    return status, why
+
+# %% ../nbs/17_exercises.ipynb #cd8c725f
+_RESOLUTIONS_07_3 = tuple(round(0.2 * k, 1) for k in range(1, 11))   # 0.2, 0.4, ..., 2.0
+
+@functools.cache
+def _ref_07_aris():
+    "ARI of Leiden clusters of X_pca_hvg (n_hvg=500, n_comps=50) at each resolution of the grid: the chapter's graph, seed 0."
+    import leidenalg
+    from scfoundation.evaluate import cluster_scores, knn_graph, pca_baseline
+    pbmc, labels = _ref_07_pbmc()
+    graph = knn_graph(pca_baseline(pbmc.copy()), 15)
+    aris = []
+    for resolution in _RESOLUTIONS_07_3:
+        partition = leidenalg.find_partition(graph, leidenalg.RBConfigurationVertexPartition,
+                                             resolution_parameter=resolution, seed=0, n_iterations=-1)
+        aris.append(cluster_scores(labels, np.asarray(partition.membership))["ARI"])
+    return np.array(aris)
+
+
+@exercise("07.3", asks="the best ARI of the PCA baseline's Leiden clusters over the resolutions 0.2, 0.4, …, 2.0, a float")
+def _check_07_3(answer):
+    value, aris = as_number(answer, "the ARI"), _ref_07_aris()
+    if value > 1: raise _Refused("an ARI is at most 1")
+    if not np.isclose(value, aris.max(), atol=0.005) and np.isclose(value, aris, atol=0.002).any():
+        return "wrong", "that is the ARI at one of the resolutions, but not at the best one"
+    return judge_number(value, float(aris.max()), rtol=0.02, close=0.1, what="the best ARI")
+
+# %% ../nbs/17_exercises.ipynb #9ec76e54
+_OPTIONS_07_4 = {
+    "a": "Not so: each method gets the same grid, so no method is favoured over another; but that does not make any "
+         "method's score unbiased.",
+    "b": "Not so: a higher resolution gives more, smaller clusters, and the ARI penalises splitting a type as it penalises "
+         "merging two; it does not rise with the resolution.",
+    "c": "Yes: the resolution is chosen by looking at the same labels the score is computed from. The maximum of ten noisy "
+         "scores is biased upwards, and on new data no one knows the labels that would pick the resolution.",
+    "d": "Not so: Leiden with a fixed seed gives the same clusters at a resolution every time, so the grid adds no "
+         "randomness of its own; the bias comes from how the resolution is picked.",
+}
+
+
+@exercise("07.4", asks="why reporting each embedding's best ARI over a grid of resolutions is optimistic: one letter, 'a' to 'd'")
+def _check_07_4(answer):
+    "a: it favours one method; b: the ARI grows with the resolution; c: the labels choose the resolution; d: Leiden is random."
+    return judge_choice(answer, "c", _OPTIONS_07_4)
+
+# %% ../nbs/17_exercises.ipynb #454cea20
+@functools.cache
+def _ref_08_pbmc():
+    "pbmc68k (genes mapped) with the chapter's split in obs['split'] and the baseline's predictions under 'logreg'."
+    from scfoundation.annotate import logistic_baseline, split_cells
+    from scfoundation.data import load_pbmc68k
+    from scfoundation.genes import map_genes
+    pbmc = map_genes(load_pbmc68k())
+    split_cells(pbmc)
+    logistic_baseline(pbmc)
+    return pbmc
+
+
+def _ref_08_scores(predicted: np.ndarray) -> tuple[float, float]:
+    "(accuracy, macro-F1) on the chapter's test cells of one predicted type per cell."
+    from sklearn.metrics import accuracy_score, f1_score
+    from scfoundation.annotate import train_test_labels
+    labels, is_test = train_test_labels(_ref_08_pbmc())
+    return (float(accuracy_score(labels[is_test], predicted[is_test])),
+            float(f1_score(labels[is_test], predicted[is_test], average="macro", labels=np.unique(labels), zero_division=0)))
+
+# %% ../nbs/17_exercises.ipynb #e3531022
+@exercise("08.1", asks="the test macro-F1 of a predictor that calls every cell 'Dendritic', a float in [0, 1]")
+def _check_08_1(answer):
+    value = as_number(answer, "the macro-F1")
+    accuracy, expected = _ref_08_scores(np.full(_ref_08_pbmc().n_obs, "Dendritic", dtype=object))
+    if np.isclose(value, accuracy, atol=0.002): return "wrong", "that is the accuracy; macro-F1 averages the F1 of every type"
+    if np.isclose(value, 10 * expected, atol=0.005):
+        return "wrong", "that is the F1 of one type; macro-F1 averages the F1 over every type of the labels"
+    return judge_number(value, expected, rtol=0.01, close=0.1, what="the macro-F1")
+
+# %% ../nbs/17_exercises.ipynb #d2168da4
+@functools.cache
+def _ref_08_fewer_labels():
+    "Test macro-F1 of the baseline trained on the 30 % of training cells `stratified_split(train labels, 0.3, seed=0)` holds out."
+    from scfoundation.annotate import annotation_table, logistic_baseline, train_test_labels
+    from scfoundation.evaluate import stratified_split
+    pbmc = _ref_08_pbmc()
+    labels, is_test = train_test_labels(pbmc)
+    train = np.flatnonzero(~is_test)
+    kept = train[stratified_split(labels[train], 0.3, seed=0)]
+    fewer = pbmc[np.sort(np.concatenate([kept, np.flatnonzero(is_test)]))].copy()
+    logistic_baseline(fewer)
+    return float(annotation_table(fewer, keys="logreg").loc["logreg", "macro_F1"])
+
+
+@exercise("08.2", asks="the test macro-F1 of logistic_baseline trained on 30 % of the training cells (chosen as the exercise says), a float")
+def _check_08_2(answer):
+    value, expected = as_number(answer, "the macro-F1"), _ref_08_fewer_labels()
+    full = _ref_08_scores(_ref_08_pbmc().obs["logreg_pred"].astype(str).to_numpy())[1]
+    if np.isclose(value, full, atol=0.002) and not np.isclose(value, expected, atol=0.002):
+        return "wrong", "that is the baseline trained on every training cell"
+    return judge_number(value, expected, rtol=0.02, close=0.1, what="the macro-F1")
+
+# %% ../nbs/17_exercises.ipynb #5ab5f2ad
+@functools.cache
+def _ref_08_ece():
+    "Expected calibration error of the baseline on the test cells: 10 equal-width confidence bins, weighted by their cells."
+    from scfoundation.annotate import train_test_labels
+    pbmc = _ref_08_pbmc()
+    labels, is_test = train_test_labels(pbmc)
+    confidence = pbmc.obs["logreg_confidence"].to_numpy()[is_test]
+    right = (pbmc.obs["logreg_pred"].astype(str).to_numpy() == labels)[is_test]
+    bins = np.minimum((confidence * 10).astype(int), 9)
+    gap = sum((bins == k).mean() * abs(right[bins == k].mean() - confidence[bins == k].mean()) for k in np.unique(bins))
+    return float(gap), float(abs(right.mean() - confidence.mean()))
+
+
+@exercise("08.3", asks="the expected calibration error of logreg_confidence on the test cells (10 equal-width bins), a float")
+def _check_08_3(answer):
+    value, (expected, overall) = as_number(answer, "the calibration error"), _ref_08_ece()
+    if value < 0: return "wrong", "a calibration error is a weighted mean of absolute gaps: it cannot be negative"
+    if np.isclose(value, overall, rtol=0.02):
+        return "wrong", "that is the gap between the mean confidence and the accuracy over all test cells: compare them bin by bin"
+    return judge_number(value, expected, rtol=0.03, close=0.3, what="the calibration error")
+
+# %% ../nbs/17_exercises.ipynb #22836dfb
+_OPTIONS_08_4 = {
+    "a": "Yes: with w_k ∝ 1/n_k a mistake on one of the 6 naive T cells of the training split costs the head as much as "
+         "28 mistakes on dendritic cells, so it gives up some cells of the large types to recall the small ones. "
+         "Accuracy counts cells and falls; macro-F1 counts types and can rise.",
+    "b": "Not so: the weights change the loss the head minimises, not the test cells; the scores are computed on the same "
+         "210 cells as before.",
+    "c": "Not so: weighting the loss does not make training fail to converge; a head on fixed embeddings is a convex "
+         "problem, and the weighted one has its own optimum.",
+    "d": "Not so: macro-F1 is not computed with the class weights; it averages the per-type F1 with equal weight, "
+         "whatever the head was trained with.",
+}
+
+
+@exercise("08.4", asks="why per-type weights 1/n_k in the head's cross-entropy move accuracy and macro-F1 apart: one letter, 'a' to 'd'")
+def _check_08_4(answer):
+    "a: rare types gain at the cost of large ones; b: other test cells; c: training fails; d: the weights enter macro-F1."
+    return judge_choice(answer, "a", _OPTIONS_08_4)
+
+# %% ../nbs/17_exercises.ipynb #341a810d
+_BATCH_SDS_09_1 = (0.1, 0.3, 0.6, 1.2)
+
+def _ref_09_world(batch_effect_sd: float):
+    "The chapter's simulated cells at another batch effect: 900 cells, 3 batches, type A.3 kept in batch0 only."
+    from scfoundation.simulate import SimConfig, simulate
+    world = simulate(SimConfig(n_cells=900, n_genes=200, n_cell_types=6, n_batches=3,
+                               batch_effect_sd=batch_effect_sd, batch_depth_sd=0.3, seed=0))
+    keep = ~((world.obs["cell_type"] == "A.3") & (world.obs["batch"] != "batch0")).to_numpy()
+    return world[keep].copy()
+
+
+@functools.cache
+def _ref_09_harmony_ilisi():
+    "kNN iLISI of Harmony on the chapter's PCA (200 genes, 30 components, seed 0) at each batch effect of the grid."
+    from scfoundation.evaluate import pca_baseline
+    from scfoundation.integrate import harmony_embedding, knn_ilisi
+    scores = []
+    for sd in _BATCH_SDS_09_1:
+        sim = _ref_09_world(sd)
+        pca_baseline(sim, n_hvg=200, n_comps=30, seed=0)
+        scores.append(knn_ilisi(harmony_embedding(sim, seed=0), sim.obs["batch"].astype(str).to_numpy()))
+    return np.array(scores)
+
+
+@exercise("09.1", asks="Harmony's kNN iLISI at batch_effect_sd = 0.1, 0.3, 0.6, 1.2, in that order: a list of 4 floats")
+def _check_09_1(answer):
+    return judge_array(answer, _ref_09_harmony_ilisi(), what="the iLISI list", rtol=0, atol=0.02)
+
+# %% ../nbs/17_exercises.ipynb #c641dc16
+@exercise("09.2", asks="the scaled kNN iLISI, (LISI - 1) / (B - 1), of one cell whose 15 neighbours hold 9, 3 and 3 cells "
+                       "of the 3 batches, a float")
+def _check_09_2(answer):
+    value = as_number(answer, "the scaled iLISI")
+    lisi = 1 / ((9 / 15) ** 2 + 2 * (3 / 15) ** 2)
+    if np.isclose(value, lisi, rtol=1e-3): return "wrong", "that is the LISI itself; scale it to [0, 1] as scib does"
+    if np.isclose(value, 1 / lisi, rtol=1e-3): return "wrong", "that is the Simpson index; LISI is its inverse"
+    return judge_number(value, (lisi - 1) / 2, rtol=0.01, close=0.05, what="the scaled iLISI")
+
+# %% ../nbs/17_exercises.ipynb #72027b75
+_OPTIONS_09_3 = {
+    "a": "Not so: batch ASW is computed within each cell type, and a type seen in one batch only has no batch silhouette: "
+         "A.3 is skipped, whatever Harmony does to it.",
+    "b": "Not so: iLISI looks at the batches among a cell's neighbours; A.3's cells pulled into a neighbouring type mix "
+         "with its other batches, which raises iLISI: over-correction looks like success to it.",
+    "c": "Not so: graph connectivity asks whether each type is one connected piece of the kNN graph; A.3 merged into a "
+         "neighbour is still connected, often better connected.",
+    "d": "Yes: the isolated-label ASW takes the cell-type silhouette of the cells of A.3 against all other types; when "
+         "Harmony pulls them onto a neighbouring type, their silhouette and the score fall.",
+}
+
+
+@exercise("09.3", asks="which metric of the table sees the isolated label A.3 merged into a neighbour by a strong Harmony "
+                       "(theta=4): one letter, 'a' to 'd'")
+def _check_09_3(answer):
+    "a: batch ASW; b: iLISI; c: graph connectivity; d: isolated-label ASW."
+    return judge_choice(answer, "d", _OPTIONS_09_3)
+
+# %% ../nbs/17_exercises.ipynb #f40975b4
+_OPTIONS_09_4 = {
+    "a": "Not so: no batch label is ever shown to the model, and masked-gene prediction has no term that removes batches; "
+         "it learned nothing about batches to undo.",
+    "b": "Yes: after 60 steps the embedding carries little structure of any kind, so a cell's neighbours are nearly "
+         "random cells, of every batch and every type. Mixing batches is then no achievement: the bio score shows "
+         "it, which is why scib reports both and weights biology higher.",
+    "c": "Not so: rank-value tokens do remove the cell's library size, one of the simulator's two batch effects, but "
+         "not the gene-wise factors, which change the order of the genes within a cell.",
+    "d": "Not so: the model's embedding has 128 dimensions against PCA's 30, but distances in more dimensions do not "
+         "mix batches by themselves; Harmony mixes them in 30.",
+}
+
+
+@exercise("09.4", asks="why the teaching model's X_scf reaches a batch score as high as Harmony's: one letter, 'a' to 'd'")
+def _check_09_4(answer):
+    "a: it learned to remove batches; b: it has no structure at all; c: rank tokens remove every batch effect; d: its width."
+    return judge_choice(answer, "b", _OPTIONS_09_4)
+
+# %% ../nbs/17_exercises.ipynb #1cb176b3
+def _ref_10_specs():
+    "The chapter's screen: 16 singles on distinct TFs and 16 doubles built from them (seed 0)."
+    from scfoundation.perturb import design_perturbations
+    return design_perturbations(n_tfs=30, n_singles=16, n_doubles=16, seed=0)
+
+
+@functools.cache
+def _ref_10_sim(n_cells: int = 3000):
+    "The chapter's simulated screen with `n_cells` cells (3000 in the chapter)."
+    from scfoundation.simulate import SimConfig, simulate
+    return simulate(SimConfig(n_cells=n_cells, n_genes=200, n_tfs=30, edge_density=0.1, n_batches=1,
+                              perturbations=tuple(_ref_10_specs()), perturbed_fraction=0.8, seed=0))
+
+
+def _ref_10_median_r(n_cells: int) -> float:
+    "Median over perturbations of the Pearson r (over genes) between observed and true response."
+    from scfoundation.perturb import observed_response, true_response
+    sim = _ref_10_sim(n_cells)
+    observed, truth = observed_response(sim), true_response(sim)
+    return float(np.median([np.corrcoef(observed.loc[name], truth.loc[name])[0, 1] for name in truth.index]))
+
+# %% ../nbs/17_exercises.ipynb #d01c85c5
+@exercise("10.1", asks="the median Pearson r between observed and true response of the chapter's screen simulated "
+                       "with n_cells=9000, a float")
+def _check_10_1(answer):
+    value, expected = as_number(answer, "the median r"), _ref_10_median_r(9000)
+    if value > 1: raise _Refused("a Pearson r is at most 1")
+    if np.isclose(value, _ref_10_median_r(3000), atol=5e-4) and not np.isclose(value, expected, atol=5e-4):
+        return "wrong", "that is the chapter's screen of 3,000 cells: simulate 3 times as many"
+    return judge_number(value, expected, rtol=0.002, close=0.01, what="the median r")
+
+# %% ../nbs/17_exercises.ipynb #3d076896
+@functools.cache
+def _ref_10_interacting():
+    "The 3 doubles whose true response differs most (L2 norm over genes) from the sum of their singles' true responses."
+    from scfoundation.perturb import true_response
+    truth = true_response(_ref_10_sim(3000))
+    doubles = [spec for spec in _ref_10_specs() if "+" in spec]
+    residual = {spec: float(np.linalg.norm(truth.loc[spec] - truth.loc[spec.split("+")].sum(axis=0))) for spec in doubles}
+    return sorted(residual, key=residual.get, reverse=True)[:3]
+
+
+@exercise("10.2", asks="the 3 doubles with the largest residual true - (true single a + true single b), by its L2 norm "
+                       "over genes: a list of 3 specs such as 'ko:tf1+oe:tf2'")
+def _check_10_2(answer):
+    if isinstance(answer, str) or not hasattr(answer, "__iter__"):
+        raise _Refused(f"the answer should be a list of 3 perturbation specs, not {type(answer).__name__}")
+    answer = [str(spec) for spec in answer]
+    doubles = {spec for spec in _ref_10_specs() if "+" in spec}
+    unknown = [spec for spec in answer if spec not in doubles]
+    if unknown: return "wrong", f"{len(unknown)} of the specs are not doubles of the chapter's screen (write them as in obs['perturbation'])"
+    if len(answer) != 3: return "wrong", f"{len(answer)} specs given: 3 are wanted"
+    return judge_set(answer, _ref_10_interacting(), what="interacting doubles", close=0.5)
+
+# %% ../nbs/17_exercises.ipynb #2ed0a500
+_OPTIONS_10_3 = {
+    "a": "Not so: the simulator's network is linear in log space (propagate sums log effects), so two perturbations "
+         "propagate to exactly the sum of their log effects; the network does not make them interact.",
+    "b": "Yes: the log effects add, but then a knocked-out gene's counts are set to zero whatever the other perturbation "
+         "does to it, and the response is the change of ln(1 + 10^4 μ / Σμ), which is neither linear in the log effects "
+         "(the 1 +, the depth normalisation) nor free of the mean over cells. Doubles with a knockout interact most.",
+    "c": "Not so: the singles here are the simulator's true responses, free of sampling noise; noise limits the additive "
+         "baseline built from observed singles, not this one.",
+    "d": "Not so: two TFs that regulate each other still compose additively in a network that is linear in log space; "
+         "mutual regulation changes each single's response, not their sum.",
+}
+
+
+@exercise("10.3", asks="why the sum of two singles' exact responses misses the double's exact response: one letter, 'a' to 'd'")
+def _check_10_3(answer):
+    "a: the network is non-linear; b: knockouts, normalisation and the log; c: sampling noise; d: mutual regulation."
+    return judge_choice(answer, "b", _OPTIONS_10_3)
+
+# %% ../nbs/17_exercises.ipynb #b621d369
+@functools.cache
+def _ref_10_predictable():
+    "Held-out doubles whose two singles are both in training, for split_perturbations(specs, seed=2)."
+    from scfoundation.perturb import split_perturbations
+    split = split_perturbations(_ref_10_specs(), seed=2)
+    test = split[split["split"] == "test"]
+    return int((test["group"] == "double 2/2 seen").sum()), int((test["n_genes"] == 2).sum()), int((split["group"] == "double 2/2 seen").sum())
+
+
+@exercise("10.4", asks="how many held-out doubles the additive baseline can predict with split_perturbations(specs, seed=2), an integer")
+def _check_10_4(answer):
+    value = as_number(answer, "the number of doubles")
+    expected, held_out, both_seen = _ref_10_predictable()
+    if value == held_out and value != expected: return "wrong", "that counts every held-out double; the additive baseline needs both singles in training"
+    if value == both_seen and value != expected: return "wrong", "that counts training doubles too; only held-out doubles are predicted"
+    return judge_number(value, expected, rtol=0, close=0, what="the number of doubles")
+
+# %% ../nbs/17_exercises.ipynb #97e3c091
 @functools.cache
 def _ref_11_sim():
     "The chapter's simulated world (800 cells, 200 genes, 20 TFs, knockouts of tf0 and tf3), seed 0."
@@ -553,7 +1018,7 @@ def _check_11_1(answer):
         return "wrong", "below random: the DE score must flip with the mode too (de_baseline(..., mode='overexpress')), as the truth does"
     return ("close" if "wrong" not in (s_status, a_status) else "wrong"), "; ".join(why for status, why in ((s_status, s_why), (a_status, a_why)) if status != "right")
 
-# %% ../nbs/17_exercises.ipynb #3821a7e7
+# %% ../nbs/17_exercises.ipynb #a25b89dd
 @exercise("11.2", asks="the Spearman correlation of the DE baseline with the true shift over the 20 TFs only (deletion, A.1 → B.1), a float")
 def _check_11_2(answer):
     tables = _ref_11_tables()
@@ -562,7 +1027,7 @@ def _check_11_2(answer):
         return "wrong", "that is the correlation over all candidate genes: score only the TFs (sim.uns['truth']['tfs'])"
     return judge_number(value, tables["tfs"]["spearman"], rtol=0.01, close=0.05, what="the Spearman correlation over the TFs")
 
-# %% ../nbs/17_exercises.ipynb #47fed872
+# %% ../nbs/17_exercises.ipynb #530f84bc
 _OPTIONS_11_3 = {
     "a": "No: a TF's knockout is simulated with the same knockout signal as any other gene's; what differs is what the "
          "network does with it afterwards.",
@@ -580,7 +1045,7 @@ _OPTIONS_11_3 = {
 @exercise("11.3", asks="one letter, a–d: why DE ranks the TFs worse than the other genes")
 def _check_11_3(answer): return judge_choice(answer, "b", _OPTIONS_11_3)
 
-# %% ../nbs/17_exercises.ipynb #c2eb0070
+# %% ../nbs/17_exercises.ipynb #cbc934db
 @functools.cache
 def _ref_12_data():
     "The chapter's simulated world, its true edges, the TFs and genes, and the log-normalised values (float64)."
@@ -636,7 +1101,7 @@ def _check_12_1(answer):
     status = "close" if all(s != "wrong" for s, _ in verdicts) else "wrong"
     return status, "; ".join(why for s, why in verdicts if s != "right") + " (were the other kind's edges left out of the pairs?)"
 
-# %% ../nbs/17_exercises.ipynb #03a47a9e
+# %% ../nbs/17_exercises.ipynb #be9ec093
 _OPTIONS_12_2 = {
     "a": "Yes. A repressor's targets go down when it goes up, so their correlation (or cosine) with it is negative. Ranked "
          "by the signed score they fall below the unrelated pairs, whose scores sit near 0, to the very bottom of the "
@@ -653,7 +1118,7 @@ _OPTIONS_12_2 = {
 @exercise("12.2", asks="one letter, a–d: why ranking by the signed correlation (absolute=False) fails on repressing edges")
 def _check_12_2(answer): return judge_choice(answer, "a", _OPTIONS_12_2)
 
-# %% ../nbs/17_exercises.ipynb #057b8b02
+# %% ../nbs/17_exercises.ipynb #c9436db0
 @exercise("12.3", asks="the AUPRC of |partial correlation| over the chapter's candidate pairs (TFs × genes), a float")
 def _check_12_3(answer):
     value, figures = as_number(answer, "the AUPRC"), _ref_12_figures()
@@ -664,7 +1129,7 @@ def _check_12_3(answer):
     if status != "right": why += " (correlation of log_normalise(sim) over all 200 genes, its inverse P, -P_ij / sqrt(P_ii P_jj), absolute value)"
     return status, why
 
-# %% ../nbs/17_exercises.ipynb #7078f2a1
+# %% ../nbs/17_exercises.ipynb #21655aee
 @functools.cache
 def _ref_13_pbmc():
     "The default data mapped onto gene tokens, and its vocabulary."
@@ -692,7 +1157,7 @@ def _check_13_1(answer):
     if value == expected + (len(vocab) - len(vocab.genes)): return "wrong", "the special tokens carry no prior: count genes only"
     return judge_number(value, expected, rtol=0.0, close=0.02, what="the number of genes", atol=0.5)
 
-# %% ../nbs/17_exercises.ipynb #a2c8da4e
+# %% ../nbs/17_exercises.ipynb #6cc8a007
 @functools.cache
 def _ref_13_homology() -> tuple:
     "Counts lost under one_to_many='drop' and counts added under 'copy', for the mouse-style pbmc68k of exercise 13.2."
@@ -727,7 +1192,7 @@ def _check_13_2(answer):
     status = "close" if all(s != "wrong" for s, _ in verdicts) else "wrong"
     return status, "; ".join(why for s, why in verdicts if s != "right")
 
-# %% ../nbs/17_exercises.ipynb #8c53abe6
+# %% ../nbs/17_exercises.ipynb #3aeb51b3
 _OPTIONS_13_3 = {
     "a": "No: zero projections do not save memory or time: the prior vectors are stored as buffers and projected in "
          "every forward pass from the first step on.",
@@ -744,7 +1209,7 @@ _OPTIONS_13_3 = {
 @exercise("13.3", asks="one letter, a–d: why the prior's projections P_s start at zero")
 def _check_13_3(answer): return judge_choice(answer, "c", _OPTIONS_13_3)
 
-# %% ../nbs/17_exercises.ipynb #8db20a7b
+# %% ../nbs/17_exercises.ipynb #b0c5a40d
 @functools.cache
 def _ref_14_corpus_figures() -> dict:
     "The chapter's two simulated studies built with shard_size=64: shard count, and mean distinct shards per batch of 32."
@@ -778,7 +1243,7 @@ def _check_14_1(answer):
     if value != int(value): return "wrong", "a number of shards is a whole number"
     return "wrong", f"the number of shards is {'too high' if value > figures['n_shards'] else 'too low'}: count the shard-* folders (or manifest['shards'])"
 
-# %% ../nbs/17_exercises.ipynb #d5d918e7
+# %% ../nbs/17_exercises.ipynb #29bcfbca
 @exercise("14.2", asks="[mean distinct shards per batch with shuffle_buffer=64, the same with shuffle_buffer=len(corpus)], 2 floats")
 def _check_14_2(answer):
     if isinstance(answer, str) or not hasattr(answer, "__len__") or len(answer) != 2:
@@ -793,7 +1258,7 @@ def _check_14_2(answer):
     status = "close" if all(s in ("right", "close") for s, _ in verdicts) else "wrong"
     return status, "; ".join(why for s, why in verdicts if s != "right") + " (epoch 0, seed=0, batch_size=32, every batch of the epoch)"
 
-# %% ../nbs/17_exercises.ipynb #ce841aba
+# %% ../nbs/17_exercises.ipynb #f4ae1ca0
 _OPTIONS_14_3 = {
     "a": "No: a checksum is slower to compute than a modification time, not faster; the manifest pays that price for what "
          "a time cannot tell.",
@@ -811,7 +1276,7 @@ _OPTIONS_14_3 = {
 @exercise("14.3", asks="one letter, a–d: what the sources' sha256 in the manifest catches that a modification time would not")
 def _check_14_3(answer): return judge_choice(answer, "b", _OPTIONS_14_3)
 
-# %% ../nbs/17_exercises.ipynb #a0bea7f3
+# %% ../nbs/17_exercises.ipynb #3b91f95e
 def _ref_15_inputs():
     "The two inputs of 15.1: pbmc68k with its counts in layers['counts'] and X log-normalised (times 1 and times 1.7)."
     import scfoundation.data as data
@@ -850,7 +1315,7 @@ def _check_15_1(answer):
         else: why.append(f"{name}: not the source prepare picks; read uns['scf_counts'] of its output")
     return ("close" if len(why) == 1 and "write the source" in why[0] else "wrong"), "; ".join(why)
 
-# %% ../nbs/17_exercises.ipynb #bfc923ce
+# %% ../nbs/17_exercises.ipynb #e7e63488
 _OPTIONS_15_2 = {
     "a": "No: a layer is not ignored; `--layer counts` reads it, and without it prepare looks at X first, then the layers, "
          "then .raw, and takes the first that holds counts.",
@@ -866,7 +1331,7 @@ _OPTIONS_15_2 = {
 @exercise("15.2", asks="one letter, a–d: why prepare takes X for the first input and the layer for the second")
 def _check_15_2(answer): return judge_choice(answer, "b", _OPTIONS_15_2)
 
-# %% ../nbs/17_exercises.ipynb #1066beec
+# %% ../nbs/17_exercises.ipynb #2450b7a4
 @functools.cache
 def _ref_15_exit_codes() -> tuple:
     "Exit codes of `scf prepare pbmc68k OUT` run three times: plain, again, again with --overwrite."
@@ -891,7 +1356,7 @@ def _check_15_3(answer):
              "third": "with --overwrite an existing output may be replaced"}
     return "wrong", f"{len(wrong)} of 3 differ: " + " ".join(hints[name] for name in wrong)
 
-# %% ../nbs/17_exercises.ipynb #8d2e7fc7
+# %% ../nbs/17_exercises.ipynb #779be108
 @functools.cache
 def _ref_16_series_class() -> str:
     "The class `read_dictionary` names when a pickled dictionary holds a pandas Series (from the error message)."
@@ -918,7 +1383,7 @@ def _check_16_1(answer):
     if given in ("dict", "builtins.dict"): return "wrong", "plain dicts need no class at all; look at the value stored under the key"
     return "wrong", "that is not the class named in the error; run read_dictionary on the file and read the message"
 
-# %% ../nbs/17_exercises.ipynb #a7f44fa1
+# %% ../nbs/17_exercises.ipynb #ef14c1a8
 _BERT_16_2 = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512, hidden_act="relu")
 
 
@@ -946,7 +1411,7 @@ def _check_16_2(answer):
         else: hints.append(f"{name}: start from max_position_embeddings and ask whether our <cls> column needs an extra place")
     return "wrong", "; ".join(hints)
 
-# %% ../nbs/17_exercises.ipynb #fe499492
+# %% ../nbs/17_exercises.ipynb #e7d87602
 _OPTIONS_16_3 = {
     "a": "Yes. The extractor's path runs the whole BertForMaskedLM: every layer, the vocabulary head on every token, and "
          "attention over padding; ours stops at the layer the embedding is read from (-2), has no head, and packs the "
