@@ -52,6 +52,7 @@ def test_tags_for_quarto_options():
     assert build_docs.tags_for({"echo": "false"}) == ["remove-input"]
     assert build_docs.tags_for({"include": "false", "output": "false"}) == ["remove-cell", "remove-output"]
     assert build_docs.tags_for({"echo": "true", "output": "asis"}) == []
+    assert build_docs.tags_for({"code-fold": "true"}) == ["hide-cell"]     # a solution, folded with its output
 
 
 def test_convert_callouts():
@@ -396,3 +397,27 @@ def test_screenshots(site, browser):
         page.screenshot(path=str(path), full_page=False)
         assert path.stat().st_size > 10_000
         page.close()
+
+
+def test_syllabus_covers_every_chapter_with_a_measured_time():
+    "The syllabus names goals and prerequisites of every chapter, a time measured on 2 cores, and courses of real chapters."
+    import yaml
+    syllabus = yaml.safe_load((ROOT / "docs" / "syllabus.yml").read_text())
+    times = json.loads((ROOT / "docs" / "notebook_times.json").read_text())
+    chapters = sorted(p for p in (ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))
+    assert sorted(syllabus["chapters"]) == [p.name[:2] for p in chapters]
+    assert times["machine"]["cores"] == 2 and all(p.name in times["seconds"] for p in chapters)
+    for number, entry in syllabus["chapters"].items():
+        assert entry["goals"] and all(need < number for need in entry.get("needs") or []), number   # needs only earlier chapters
+    names = [course["name"] for course in syllabus["courses"]]
+    assert any("4 sessions" in name for name in names) and any("one-day" in name for name in names)
+    for course in syllabus["courses"]:
+        listed = [c for session in course["sessions"] for c in session["chapters"]]
+        assert set(listed) <= set(syllabus["chapters"]) and len(listed) == len(set(listed))
+
+
+def test_readme_syllabus_is_current():
+    "The Syllabus cell of nbs/index.ipynb (and so the README) is what tools/syllabus.py renders now."
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "syllabus.py"), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "## Syllabus" in (ROOT / "README.md").read_text()

@@ -84,9 +84,10 @@ def tidy_showdoc(markdown: str,  # one show_doc output
 
 def tags_for(options: dict,  # cell options from `split_directives`
             ) -> list:  # myst-nb cell tags that reproduce them
-    "myst-nb tags for quarto's `include`/`echo`/`output: false` (`output: asis` needs none); `code-fold: true` folds the code."
+    "myst-nb tags for quarto's `include`/`echo`/`output: false` (`output: asis` needs none); `code-fold: true` folds the cell."
     tags = [tag for name, tag in HIDING_OPTIONS.items() if options.get(name, "").lower() == "false"]
-    if options.get("code-fold", "").lower() == "true" and "remove-input" not in tags: tags.append("hide-input")
+    # folded whole, output too: a solution's printed answer would otherwise show under its folded code
+    if options.get("code-fold", "").lower() == "true" and "remove-input" not in tags: tags.append("hide-cell")
     return tags
 
 

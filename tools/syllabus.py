@@ -46,6 +46,12 @@ def exercise_ids(chapter: str) -> list:
     return [id for id in exercises.EXERCISES if id.split(".")[0] == chapter]
 
 
+def id_range(ids: list) -> str:
+    "03.1, 03.2, 03.3 -> '3: 03.1–03.3'."
+    if not ids: return "none"
+    return f"{len(ids)}: {ids[0]}–{ids[-1]}" if len(ids) > 1 else f"1: {ids[0]}"
+
+
 def chapter_table(syllabus: dict, times: dict, chapters: dict) -> list:
     "One row per chapter: goals, needs, measured time, checked exercises."
     rows = ["| Chapter | You learn to | Needs | Runs in | Checked exercises |", "|---|---|---|---|---|"]
@@ -55,7 +61,7 @@ def chapter_table(syllabus: dict, times: dict, chapters: dict) -> list:
         needs = ", ".join(entry.get("needs") or []) or "nothing"
         ids = exercise_ids(number)
         rows.append(f"| {number}. {title} | {'; '.join(entry['goals'])} | {needs} | "
-                    f"{minutes(seconds) if seconds is not None else 'not measured'} | {', '.join(ids) or '(projects only)'} |")
+                    f"{minutes(seconds) if seconds is not None else 'not measured'} | {id_range(ids)} |")
     return rows
 
 
@@ -64,7 +70,7 @@ def course_lines(course: dict, times: dict, chapters: dict) -> list:
     lines = [f"**{course['name']}** ({course['about']}):", ""]
     for index, session in enumerate(course["sessions"], 1):
         seconds = sum(times["seconds"].get(chapters[c][0].name, 0) for c in session["chapters"])
-        names = ", ".join(f"{c} {chapters[c][1].split(':')[0]}" for c in session["chapters"])
+        names = ", ".join(f"{c} {re.split('[:,]', chapters[c][1])[0]}" for c in session["chapters"])
         lines.append(f"{index}. {session['title']}: chapters {names} ({minutes(seconds)} to execute)")
     if course.get("later"): lines += ["", f"Reading for later: chapters {', '.join(course['later'])}."]
     return lines + [""]
@@ -79,7 +85,9 @@ def render(root: Path = ROOT) -> str:
                 f"{', with bf16 matrix units' if machine['bf16_matrix_units'] else ', without bf16 matrix units'}; {machine['date']})"
                 if machine else "not measured yet: `python tools/time_notebooks.py --record docs/notebook_times.json`")
     lines = [MARKER, "## Syllabus", "",
-             f"Each chapter is one notebook, executed top to bottom. *Runs in* is the time to execute it, {measured}. "
+             f"Each chapter is one notebook, executed top to bottom. *Runs in* is the time to execute it, {measured}, "
+             "all chapters in reading order on a fresh clone: a chapter reuses the models earlier chapters pretrained "
+             "(the run cache); run first, on its own, it pretrains them itself and takes longer. "
              "*Needs* names the chapters whose ideas it builds on. Check an answer with "
              "`scf.exercises.check(\"03.1\", answer)`; `scf.exercises.ask(\"03.1\")` says what to pass; "
              "each chapter's open *projects* follow its exercises.", ""]
