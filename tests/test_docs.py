@@ -289,8 +289,12 @@ def visits(site, browser):
         broken = page.evaluate("() => [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)")
         images = page.evaluate("() => document.images.length")
         sidebar = page.eval_on_selector_all(".sidebar-tree a.reference", "anchors => anchors.map(a => a.href)")
+        clipped = page.evaluate("""() => [...document.querySelectorAll('article pre, article table, article dt.sig')]
+            .filter(e => e.scrollWidth > e.clientWidth + 1 && !['auto', 'scroll'].includes(getComputedStyle(e).overflowX)
+                         && !(e.parentElement && ['auto', 'scroll'].includes(getComputedStyle(e.parentElement).overflowX)))
+            .map(e => e.textContent.slice(0, 60))""")
         seen[record["name"]] = dict(problems=problems, maths=maths, rendered=rendered, errors=errors, broken=broken,
-                                    images=images, sidebar={link.removeprefix(url).split("#")[0] for link in sidebar})
+                                    images=images, clipped=clipped, sidebar={link.removeprefix(url).split("#")[0] for link in sidebar})
         page.close()
     return seen
 
@@ -298,6 +302,12 @@ def visits(site, browser):
 def test_pages_have_no_console_errors_or_failed_requests(visits):
     report = {name: visit["problems"] for name, visit in visits.items() if visit["problems"]}
     assert not report, f"pages with console errors or failed requests: {json.dumps(report, indent=1)}"
+
+
+def test_long_lines_scroll_or_wrap(visits):
+    "A code line, a signature or a table wider than the page scrolls sideways (or wraps): it is never cut off."
+    clipped = {name: visit["clipped"][:3] for name, visit in visits.items() if visit["clipped"]}
+    assert not clipped, f"content cut off at the page's edge: {clipped}"
 
 
 def test_every_figure_loads(visits):
