@@ -41,10 +41,11 @@ __all__ = ['CHECKPOINT_FILES', 'STATE_FORMAT', 'FINAL_FILES', 'EXACT_RESUME_FIEL
            'optimizer_to_safetensors', 'optimizer_from_safetensors', 'write_directory_atomically', 'save_checkpoint',
            'checkpoint_step', 'is_own_checkpoint', 'own_checkpoints', 'find_latest_checkpoint', 'check_replaceable',
            'read_checkpoint', 'check_resumable', 'CellBatches', 'training_stream', 'build_model', 'resolve_device',
-           'setup_distributed', 'wrap_model', 'optimizer_parameter_names', 'rename_optimizer_state', 'full_copies',
-           'load_optimizer_state', 'default_cache_dir', 'code_version', 'cache_key', 'declared_peak_flops',
-           'matmul_peak_flops', 'train_step', 'check_finite', 'weights_finite', 'resume_run', 'run_state', 'run_lock',
-           'recover_run_folder', 'save_steps', 'check_run_folder', 'save_final', 'save_run', 'pretrain']
+           'resolve_precision', 'setup_distributed', 'wrap_model', 'optimizer_parameter_names',
+           'rename_optimizer_state', 'full_copies', 'load_optimizer_state', 'default_cache_dir', 'code_version',
+           'cache_key', 'declared_peak_flops', 'matmul_peak_flops', 'train_step', 'check_finite', 'weights_finite',
+           'resume_run', 'run_state', 'run_lock', 'recover_run_folder', 'save_steps', 'check_run_folder', 'save_final',
+           'save_run', 'pretrain']
 
 # %% ../nbs/06_pretrain.ipynb #764f9c1f
 class CheckpointError(ValueError):
@@ -67,7 +68,7 @@ class TrainConfig(Config):
     min_lr_ratio: float = 0.1   # the cosine ends at lr * min_lr_ratio on the last step
     clip_norm: float = 1.0      # clip the global gradient norm to this; 0 turns clipping off
     mask_prob: float = 0.15     # share of each cell's genes hidden from the model
-    precision: str = "fp32"     # "fp32" or "bf16" (autocast on CPU and CUDA)
+    precision: str = "auto"     # "auto" (bf16 where the device has bf16 matrix units, else fp32), "fp32" or "bf16" (autocast)
     seed: int = 0               # one seed for the weights, the data order, the masks and dropout
     save_every: int = 100       # write a checkpoint every this many steps (and always at the end)
     log_every: int = 10         # refresh the progress bar every this many steps
@@ -85,7 +86,7 @@ class TrainConfig(Config):
         elif self.batch_size < self.grad_accum or self.batch_size % self.grad_accum:
             problems.append(f"batch_size={self.batch_size} must be a positive multiple of grad_accum={self.grad_accum}")
         if not 0 < self.mask_prob < 1: problems.append(f"mask_prob={self.mask_prob} must lie in (0, 1)")
-        if self.precision not in ("fp32", "bf16"): problems.append(f'precision="{self.precision}" must be "fp32" or "bf16"')
+        if self.precision not in ("auto", "fp32", "bf16"): problems.append(f'precision="{self.precision}" must be "auto", "fp32" or "bf16"')
         if self.device not in ("auto", "cpu", "cuda"): problems.append(f'device="{self.device}" must be "auto", "cpu" or "cuda"')
         if not 0 <= self.min_lr_ratio <= 1: problems.append(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
         if min(self.warmup_steps, self.save_every, self.keep_last, self.num_workers) < 0 or self.log_every < 1:
@@ -140,7 +141,7 @@ def accumulate_gradients(model: torch.nn.Module,  # the model (or its DDP / FSDP
     if world_size > 1: dist.all_reduce(counts)                       # the global N, and the global token count
     total_masked = int(counts[0])
     if total_masked == 0: raise DataError("no gene was masked in this step: are the cells empty?")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_precision(config.precision, device, warn=False) == "bf16")
     loss_sum = torch.zeros((), device=device)
     for index, batch in enumerate(masked_batches):
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
@@ -472,6 +473,25 @@ def resolve_device(name: str, # "auto", "cpu" or "cuda"
     if name == "cuda" and "LOCAL_RANK" in os.environ: return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
 
+def _cpu_has_bf16() -> bool:
+    "Whether this CPU has bf16 matrix units (AVX512-BF16 or AMX): without them bf16 products run ~100x slower than fp32."
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str,        # `TrainConfig.precision`: "auto", "fp32" or "bf16"
+                      device: torch.device,  # where the model trains
+                      warn: bool = True,     # warn when an explicit bf16 will be slow on this device
+                     ) -> str:
+    "'auto' becomes 'bf16' on a CUDA GPU or a CPU with bf16 matrix units, else 'fp32'; an explicit choice is kept."
+    device = torch.device(device)
+    fast_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_bf16()
+    if precision == "auto": return "bf16" if fast_bf16 else "fp32"
+    if precision == "bf16" and not fast_bf16 and warn:
+        warnings.warn(f'precision="bf16" on a {device.type.upper()} without bf16 matrix units runs matrix products about 100x '
+                      'slower than fp32: use precision="auto" (or "fp32")', stacklevel=2)
+    return precision
+
+
 def setup_distributed(device: torch.device, # the device of this process
                      ) -> tuple[int, int]:
     "Join the process group when started by torchrun (WORLD_SIZE > 1); returns (rank, world_size)."
@@ -587,12 +607,13 @@ def _matmul_probe(device: torch.device, dtype: torch.dtype, sizes, repeats: int)
     return best
 
 def matmul_peak_flops(device="cpu",            # the device the model trains on
-                      precision: str = "fp32", # "fp32" or "bf16"
+                      precision: str = "fp32", # "fp32", "bf16" or "auto" (as `resolve_precision` decides)
                       sizes=None,              # probe sizes (default: small enough to take well under a second)
                       repeats: int = 3,
                      ) -> float:
     "The peak FLOP/s of matrix products on `device`: declared for known GPUs, else measured once per process."
     device = torch.device(device)
+    precision = resolve_precision(precision, device, warn=False)
     key = (str(device), precision)
     if key not in _PEAKS:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
@@ -786,6 +807,8 @@ def pretrain(data,                  # cells: AnnData (in memory or backed), `.h5
     "Masked-gene pretraining on any data source, on one process or many; returns the trained model (history in `.history`)."
     train_config = train_config or TrainConfig()
     device = resolve_device(train_config.device)
+    # "auto" is decided here, once: the cache key, the checkpoints and resume see the precision that ran
+    train_config = replace(train_config, precision=resolve_precision(train_config.precision, device))
     rank, world_size = setup_distributed(device)
     config = model if isinstance(model, ModelConfig) else model.config
     tokenizer = tokenizer or _own_tokenizer(model, vocab)

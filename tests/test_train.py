@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -171,6 +172,22 @@ def test_pretrain_is_deterministic_and_bf16_runs(adata, tmp_path):
     bf16 = pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**config.to_dict(), "precision": "bf16"}), tmp_path / "c",
                     progress=False).history
     assert np.isfinite(bf16.loss).all() and abs(bf16.loss[0] - first.loss[0]) < 0.1
+
+
+def test_auto_precision_follows_the_hardware(adata, tmp_path, monkeypatch):
+    "precision='auto' (the default) is fp32 on a CPU without bf16 matrix units, and the run records what ran; bf16 there warns."
+    import scfoundation.train as train
+    assert TrainConfig().precision == "auto"
+    monkeypatch.setattr(train, "_cpu_has_bf16", lambda: False)          # as on an AVX2-only CPU
+    config = TrainConfig(**{**QUICK, "steps": 1, "save_every": 0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                  # auto never warns
+        pretrain(adata, ModelConfig(**TINY), config, tmp_path / "auto", progress=False)
+    assert json.loads((tmp_path / "auto" / "final" / "train_config.json").read_text())["precision"] == "fp32"
+    with pytest.warns(UserWarning, match='use precision="auto"'):
+        pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**config.to_dict(), "precision": "bf16"}), tmp_path / "bf16", progress=False)
+    monkeypatch.setattr(train, "_cpu_has_bf16", lambda: True)
+    assert train.resolve_precision("auto", torch.device("cpu")) == "bf16"
 
 
 def test_compile_trains_the_same_model_and_saves_plain_names(trained, adata, tmp_path):
