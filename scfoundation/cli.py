@@ -397,7 +397,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=32, help="cells per step (default 32)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto: bf16 autocast where the device has bf16 matrix units, else fp32 (default auto)")
+                   help="auto: bf16 autocast on a CUDA GPU, fp32 on a CPU (default auto)")
     t.add_argument("--seed", type=int, default=0, help="seed for weights, data order and masks (default 0)")
     t.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default 100)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model: faster steps after a compilation warm-up")

@@ -36,16 +36,16 @@ from .tokenization import CellDataset, collate, compute_gene_medians, tokenizer_
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FILES', 'STATE_FORMAT', 'FINAL_FILES', 'EXACT_RESUME_FIELDS', 'FOLDER_SOURCES', 'RESULT_FREE_FIELDS',
-           'DECLARED_PEAK_TFLOPS', 'LOCK_FILE', 'CheckpointError', 'TrainingError', 'TrainConfig', 'learning_rate',
-           'micro_batch_indices', 'derived_seed', 'accumulate_gradients', 'make_optimizer', 'optimizer_step',
-           'optimizer_to_safetensors', 'optimizer_from_safetensors', 'write_directory_atomically', 'save_checkpoint',
-           'checkpoint_step', 'is_own_checkpoint', 'own_checkpoints', 'find_latest_checkpoint', 'check_replaceable',
-           'read_checkpoint', 'check_resumable', 'CellBatches', 'training_stream', 'build_model', 'resolve_device',
-           'resolve_precision', 'setup_distributed', 'wrap_model', 'optimizer_parameter_names',
-           'rename_optimizer_state', 'full_copies', 'load_optimizer_state', 'default_cache_dir', 'code_version',
-           'cache_key', 'declared_peak_flops', 'matmul_peak_flops', 'train_step', 'check_finite', 'weights_finite',
-           'resume_run', 'run_state', 'run_lock', 'recover_run_folder', 'save_steps', 'check_run_folder', 'save_final',
-           'save_run', 'pretrain']
+           'DECLARED_PEAK_TFLOPS', 'LOCK_FILE', 'CheckpointError', 'TrainingError', 'TrainConfig', 'resolve_precision',
+           'learning_rate', 'micro_batch_indices', 'derived_seed', 'accumulate_gradients', 'make_optimizer',
+           'optimizer_step', 'optimizer_to_safetensors', 'optimizer_from_safetensors', 'write_directory_atomically',
+           'save_checkpoint', 'checkpoint_step', 'is_own_checkpoint', 'own_checkpoints', 'find_latest_checkpoint',
+           'check_replaceable', 'read_checkpoint', 'check_resumable', 'CellBatches', 'training_stream', 'build_model',
+           'resolve_device', 'setup_distributed', 'wrap_model', 'optimizer_parameter_names', 'rename_optimizer_state',
+           'full_copies', 'load_optimizer_state', 'default_cache_dir', 'code_version', 'cache_key',
+           'declared_peak_flops', 'matmul_peak_flops', 'train_step', 'check_finite', 'weights_finite', 'resume_run',
+           'run_state', 'run_lock', 'recover_run_folder', 'save_steps', 'check_run_folder', 'save_final', 'save_run',
+           'pretrain']
 
 # %% ../nbs/06_pretrain.ipynb #764f9c1f
 class CheckpointError(ValueError):
@@ -68,7 +68,7 @@ class TrainConfig(Config):
     min_lr_ratio: float = 0.1   # the cosine ends at lr * min_lr_ratio on the last step
     clip_norm: float = 1.0      # clip the global gradient norm to this; 0 turns clipping off
     mask_prob: float = 0.15     # share of each cell's genes hidden from the model
-    precision: str = "auto"     # "auto" (bf16 where the device has bf16 matrix units, else fp32), "fp32" or "bf16" (autocast)
+    precision: str = "auto"     # "auto" (bf16 on a CUDA GPU that has it, fp32 on a CPU), "fp32" or "bf16" (autocast)
     seed: int = 0               # one seed for the weights, the data order, the masks and dropout
     save_every: int = 100       # write a checkpoint every this many steps (and always at the end)
     log_every: int = 10         # refresh the progress bar every this many steps
@@ -93,6 +93,24 @@ class TrainConfig(Config):
             problems.append(f"warmup_steps, save_every, keep_last and num_workers must be >= 0, log_every >= 1 (got "
                             f"{self.warmup_steps}, {self.save_every}, {self.keep_last}, {self.num_workers}, {self.log_every})")
         if problems: raise self.error("invalid TrainConfig: " + "; ".join(problems))
+
+# %% ../nbs/06_pretrain.ipynb #0e4d8640
+def _cpu_has_bf16() -> bool:
+    "Whether this CPU has bf16 matrix units (AVX512-BF16 or AMX): without them bf16 products run ~100x slower than fp32."
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str,       # `TrainConfig.precision`: "auto", "fp32" or "bf16"
+                      device,               # where the model trains (a torch.device or its name)
+                      warn: bool = True,    # warn when an explicit bf16 will be slow on this device
+                     ) -> str:
+    "'auto' is 'bf16' on a CUDA GPU that supports it and 'fp32' elsewhere; an explicit choice is kept (slow bf16 warns)."
+    device = torch.device(device)
+    if precision == "auto": return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16() and warn:
+        warnings.warn('precision="bf16" on a CPU without bf16 matrix units runs matrix products about 100x slower than '
+                      'fp32: use precision="auto" (or "fp32")', stacklevel=2)
+    return precision
 
 # %% ../nbs/06_pretrain.ipynb #524be79f
 def learning_rate(step: int,            # 0-based optimizer step
@@ -472,25 +490,6 @@ def resolve_device(name: str, # "auto", "cpu" or "cuda"
         raise DataError('device="cuda" but no CUDA GPU is visible: use device="cpu" or "auto"')
     if name == "cuda" and "LOCAL_RANK" in os.environ: return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
-
-def _cpu_has_bf16() -> bool:
-    "Whether this CPU has bf16 matrix units (AVX512-BF16 or AMX): without them bf16 products run ~100x slower than fp32."
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_precision(precision: str,        # `TrainConfig.precision`: "auto", "fp32" or "bf16"
-                      device: torch.device,  # where the model trains
-                      warn: bool = True,     # warn when an explicit bf16 will be slow on this device
-                     ) -> str:
-    "'auto' becomes 'bf16' on a CUDA GPU or a CPU with bf16 matrix units, else 'fp32'; an explicit choice is kept."
-    device = torch.device(device)
-    fast_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_bf16()
-    if precision == "auto": return "bf16" if fast_bf16 else "fp32"
-    if precision == "bf16" and not fast_bf16 and warn:
-        warnings.warn(f'precision="bf16" on a {device.type.upper()} without bf16 matrix units runs matrix products about 100x '
-                      'slower than fp32: use precision="auto" (or "fp32")', stacklevel=2)
-    return precision
-
 
 def setup_distributed(device: torch.device, # the device of this process
                      ) -> tuple[int, int]:

@@ -175,7 +175,7 @@ def test_pretrain_is_deterministic_and_bf16_runs(adata, tmp_path):
 
 
 def test_auto_precision_follows_the_hardware(adata, tmp_path, monkeypatch):
-    "precision='auto' (the default) is fp32 on a CPU without bf16 matrix units, and the run records what ran; bf16 there warns."
+    "precision='auto' (the default) is fp32 on a CPU, and the run records what ran; bf16 on a CPU without bf16 units warns."
     import scfoundation.train as train
     assert TrainConfig().precision == "auto"
     monkeypatch.setattr(train, "_cpu_has_bf16", lambda: False)          # as on an AVX2-only CPU
@@ -187,7 +187,10 @@ def test_auto_precision_follows_the_hardware(adata, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match='use precision="auto"'):
         pretrain(adata, ModelConfig(**TINY), TrainConfig(**{**config.to_dict(), "precision": "bf16"}), tmp_path / "bf16", progress=False)
     monkeypatch.setattr(train, "_cpu_has_bf16", lambda: True)
-    assert train.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert train.resolve_precision("auto", torch.device("cpu")) == "fp32"     # even with bf16 units: measured no faster
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train.resolve_precision("bf16", "cpu") == "bf16"               # units present: no warning
 
 
 def test_compile_trains_the_same_model_and_saves_plain_names(trained, adata, tmp_path):
