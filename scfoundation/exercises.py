@@ -15,7 +15,7 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['VERDICTS', 'EXERCISES', 'Verdict', 'Exercise', 'exercise', 'ask', 'check', 'table', 'as_number', 'judge_number',
-           'judge_set', 'judge_array', 'judge_choice']
+           'judge_set', 'judge_array', 'judge_choice', 'choice_exercise']
 
 # %% ../nbs/17_exercises.ipynb #855d40fb
 VERDICTS = ("right", "close", "wrong")
@@ -154,6 +154,16 @@ def judge_choice(answer, right: str,  # the right option's key
     if key not in options: raise _Refused(f"choose one of {', '.join(map(repr, options))}, not {answer!r}")
     return ("right" if key == right else "wrong"), options[key]
 
+
+def choice_exercise(id: str,       # "chapter.number"
+                    asks: str,     # the question, and that one letter is wanted
+                    right: str,    # the key of the right option
+                    options: dict, # key -> the reply to a student who chose it
+                   ):
+    "Register a multiple-choice exercise: its judge is `judge_choice` with these options."
+    exercise(id, asks)(lambda answer: judge_choice(answer, right, options))
+
+
 # %% ../nbs/17_exercises.ipynb #fdc59a42
 @functools.cache
 def _ref_01_scaled_residual() -> float:
@@ -172,15 +182,13 @@ def _check_01_1(answer):
     return judge_number(value, expected, rtol=0.01, close=0.05, what="the tolerance")
 
 # %% ../nbs/17_exercises.ipynb #042076e1
-@exercise("01.2", asks="the letter of the best reason why accepting that tolerance is a bad idea: 'a', 'b', 'c' or 'd'")
-def _check_01_2(answer):
-    return judge_choice(answer, "a", {
-        "a": "Right: near 0.5 every value sits within the tolerance of some integer, so the check no longer tells counts from "
-             "anything else; the rounded 'counts' of a scaled matrix would be off by one here and there, silently.",
-        "b": "No: the recovery costs the same whatever the tolerance; it is one division and one rounding per value.",
-        "c": "No: the recovered values are rounded, so they are integers whatever the tolerance; the trouble is which integers.",
-        "d": "No: the tolerance does not change which cells are kept; it decides whether the whole matrix is accepted.",
-    })
+choice_exercise("01.2", asks="the letter of the best reason why accepting that tolerance is a bad idea: 'a', 'b', 'c' or 'd'", right="a", options={
+    "a": "Right: near 0.5 every value sits within the tolerance of some integer, so the check no longer tells counts from "
+         "anything else; the rounded 'counts' of a scaled matrix would be off by one here and there, silently.",
+    "b": "No: the recovery costs the same whatever the tolerance; it is one division and one rounding per value.",
+    "c": "No: the recovered values are rounded, so they are integers whatever the tolerance; the trouble is which integers.",
+    "d": "No: the tolerance does not change which cells are kept; it decides whether the whole matrix is accepted.",
+})
 
 # %% ../nbs/17_exercises.ipynb #862d32e2
 @functools.cache
@@ -277,16 +285,14 @@ def _check_02_3(answer):
     return judge_array(answer, expected, what="the two vocabulary sizes")
 
 # %% ../nbs/17_exercises.ipynb #1867e081
-@exercise("02.4", asks="the letter of the best reason why a content hash is safer than a counter such as 'v2': 'a', 'b', 'c' or 'd'")
-def _check_02_4(answer):
-    return judge_choice(answer, "a", {
-        "a": "Right: the hash is computed from the tokens (and medians) themselves, so two vocabularies with the same "
-             "version have the same ids, and a vocabulary edited by hand or built elsewhere cannot keep an old name by mistake.",
-        "b": "No: a hash is not shorter to store than a counter, and size is not what goes wrong; what goes wrong is two "
-             "different vocabularies under one name.",
-        "c": "No: a hash does not make loading faster; Vocab.load even spends time recomputing it.",
-        "d": "No: a hash does not encrypt anything; the tokens stay readable in vocab.json. It names the content, that is all.",
-    })
+choice_exercise("02.4", asks="the letter of the best reason why a content hash is safer than a counter such as 'v2': 'a', 'b', 'c' or 'd'", right="a", options={
+    "a": "Right: the hash is computed from the tokens (and medians) themselves, so two vocabularies with the same "
+         "version have the same ids, and a vocabulary edited by hand or built elsewhere cannot keep an old name by mistake.",
+    "b": "No: a hash is not shorter to store than a counter, and size is not what goes wrong; what goes wrong is two "
+         "different vocabularies under one name.",
+    "c": "No: a hash does not make loading faster; Vocab.load even spends time recomputing it.",
+    "d": "No: a hash does not encrypt anything; the tokens stay readable in vocab.json. It names the content, that is all.",
+})
 
 # %% ../nbs/17_exercises.ipynb #67d1e544
 @functools.cache
@@ -427,16 +433,14 @@ def _check_04_3(answer):
     return judge_number(value, _ref_04_dropout_ratio(), rtol=0.03, close=0.15, what="the ratio")
 
 # %% ../nbs/17_exercises.ipynb #9187508d
-@exercise("04.4", asks="the letter of the right statement about telling zero-inflation (dropout) from a larger NB dispersion with the zero-fraction-vs-mean plot alone: 'a', 'b', 'c' or 'd'")
-def _check_04_4(answer):
-    return judge_choice(answer, "b", {
-        "a": "No: at a given mean a larger dispersion also raises the fraction of zeros, (1 + φμ)^(-1/φ) grows with φ, so "
-             "points above the curve are not proof of dropout.",
-        "b": "Right: both put the points above the NB curve drawn for the true dispersion; the plot alone cannot say which. "
-             "The mean-variance plot, or the library sizes (dropout lowers them), or a fitted dispersion per gene can.",
-        "c": "No: dropout removes counts, it never adds zeros below the curve, and the means shift too (by the factor 1 - dropout).",
-        "d": "No: the zero fraction changes visibly with dropout = 0.3; the question is whether something else could make the same change.",
-    })
+choice_exercise("04.4", asks="the letter of the right statement about telling zero-inflation (dropout) from a larger NB dispersion with the zero-fraction-vs-mean plot alone: 'a', 'b', 'c' or 'd'", right="b", options={
+    "a": "No: at a given mean a larger dispersion also raises the fraction of zeros, (1 + φμ)^(-1/φ) grows with φ, so "
+         "points above the curve are not proof of dropout.",
+    "b": "Right: both put the points above the NB curve drawn for the true dispersion; the plot alone cannot say which. "
+         "The mean-variance plot, or the library sizes (dropout lowers them), or a fitted dispersion per gene can.",
+    "c": "No: dropout removes counts, it never adds zeros below the curve, and the means shift too (by the factor 1 - dropout).",
+    "d": "No: the zero fraction changes visibly with dropout = 0.3; the question is whether something else could make the same change.",
+})
 
 # %% ../nbs/17_exercises.ipynb #4bac3c7b
 @functools.cache
@@ -481,16 +485,14 @@ def _check_05_2(answer):
     return judge_number(value, _ref_05_unchanged(), rtol=0.05, close=0.3, what="the fraction")
 
 # %% ../nbs/17_exercises.ipynb #e27fcf2f
-@exercise("05.3", asks="the letter of the best reason why BERT keeps 10% of the chosen tokens unchanged: 'a', 'b', 'c' or 'd'")
-def _check_05_3(answer):
-    return judge_choice(answer, "c", {
-        "a": "No: the loss is computed at every chosen position, unchanged ones included, so they cost as much compute as the others.",
-        "b": "No: the random replacements (the other 10%) are the noise; the unchanged tokens add none.",
-        "c": "Right: at fine-tuning and inference there is no <mask>; if only <mask> positions were ever predicted, the model "
-             "would learn nothing useful about a token it can see. Keeping some unchanged (and some random) makes it predict "
-             "every position from context, since it cannot tell which ones are being scored.",
-        "d": "No: the share of masked positions is set by mask_prob; the 80/10/10 rule only decides what the chosen positions hold.",
-    })
+choice_exercise("05.3", asks="the letter of the best reason why BERT keeps 10% of the chosen tokens unchanged: 'a', 'b', 'c' or 'd'", right="c", options={
+    "a": "No: the loss is computed at every chosen position, unchanged ones included, so they cost as much compute as the others.",
+    "b": "No: the random replacements (the other 10%) are the noise; the unchanged tokens add none.",
+    "c": "Right: at fine-tuning and inference there is no <mask>; if only <mask> positions were ever predicted, the model "
+         "would learn nothing useful about a token it can see. Keeping some unchanged (and some random) makes it predict "
+         "every position from context, since it cannot tell which ones are being scored.",
+    "d": "No: the share of masked positions is set by mask_prob; the 80/10/10 rule only decides what the chosen positions hold.",
+})
 
 # %% ../nbs/17_exercises.ipynb #91102b33
 @functools.cache
@@ -581,7 +583,7 @@ def _check_06_3(answer):
     return judge_number(value, expected, rtol=0, close=0, what="the number of masked tokens")
 
 # %% ../nbs/17_exercises.ipynb #799e8337
-_OPTIONS_06_4 = {
+choice_exercise("06.4", asks="why grad_accum=4 gives another loss than grad_accum=1 already at step 0: one letter, 'a' to 'd'", right="b", options={
     "a": "No: at step 0 a step of 16 cells takes the same rows of the same permutation whether it comes as one "
          "micro-batch of 16 or four of 4, and the loss is weighted by masked-token counts, so its definition is the same. "
          "(From the second epoch on the cells do differ, as 700 cells make 175 micro-batches of 4 but 43 of 16, but that "
@@ -591,16 +593,11 @@ _OPTIONS_06_4 = {
     "c": "No: dropout is seeded by (seed, step, process), not by the micro-batch, so it is the same in both runs; and a "
          "different dropout would not change the masked genes.",
     "d": "No: AdamW sees one gradient per step in both runs, and the learning rate is a function of the step alone.",
-}
-
-
-@exercise("06.4", asks="why grad_accum=4 gives another loss than grad_accum=1 already at step 0: one letter, 'a' to 'd'")
-def _check_06_4(answer):
-    "a: other cells in a step; b: other masks; c: other dropout; d: other optimizer steps or rates."
-    return judge_choice(answer, "b", _OPTIONS_06_4)
+})
 
 # %% ../nbs/17_exercises.ipynb #86a400de
-_OPTIONS_06_5 = {
+choice_exercise("06.5", asks="whether read_checkpoint notices one byte corrupted in the middle of model.safetensors once "
+    "checksums.json is deleted: one letter, 'a' to 'd'", right="a", options={
     "a": "No: read_checkpoint reads every file into memory, but safetensors checks only that the header and the sizes fit. "
          "A byte flipped inside the tensor data is a different, valid float, and without checksums.json nothing compares it.",
     "b": "Not so: the checksums are gone, and safetensors has no checksum of its own. Only a damaged header or a file of the "
@@ -609,14 +606,7 @@ _OPTIONS_06_5 = {
          "shapes and settings, not values.",
     "d": "Not so: the loop checks the loss, not the weights, and one changed float rarely makes the loss infinite; "
          "the run would quietly go on from slightly different weights.",
-}
-
-
-@exercise("06.5", asks="whether read_checkpoint notices one byte corrupted in the middle of model.safetensors once "
-                       "checksums.json is deleted: one letter, 'a' to 'd'")
-def _check_06_5(answer):
-    "a: it does not; b: safetensors refuses it; c: check_resumable refuses it; d: the first step's loss shows it."
-    return judge_choice(answer, "a", _OPTIONS_06_5)
+})
 
 # %% ../nbs/17_exercises.ipynb #29ac6fa0
 @functools.cache
@@ -694,7 +684,7 @@ def _check_07_3(answer):
     return judge_number(value, float(aris.max()), rtol=0.02, close=0.1, what="the best ARI")
 
 # %% ../nbs/17_exercises.ipynb #9ec76e54
-_OPTIONS_07_4 = {
+choice_exercise("07.4", asks="why reporting each embedding's best ARI over a grid of resolutions is optimistic: one letter, 'a' to 'd'", right="c", options={
     "a": "Not so: each method gets the same grid, so no method is favoured over another; but that does not make any "
          "method's score unbiased.",
     "b": "Not so: a higher resolution gives more, smaller clusters, and the ARI penalises splitting a type as it penalises "
@@ -703,13 +693,7 @@ _OPTIONS_07_4 = {
          "scores is biased upwards, and on new data no one knows the labels that would pick the resolution.",
     "d": "Not so: Leiden with a fixed seed gives the same clusters at a resolution every time, so the grid adds no "
          "randomness of its own; the bias comes from how the resolution is picked.",
-}
-
-
-@exercise("07.4", asks="why reporting each embedding's best ARI over a grid of resolutions is optimistic: one letter, 'a' to 'd'")
-def _check_07_4(answer):
-    "a: it favours one method; b: the ARI grows with the resolution; c: the labels choose the resolution; d: Leiden is random."
-    return judge_choice(answer, "c", _OPTIONS_07_4)
+})
 
 # %% ../nbs/17_exercises.ipynb #454cea20
 @functools.cache
@@ -788,7 +772,7 @@ def _check_08_3(answer):
     return judge_number(value, expected, rtol=0.03, close=0.3, what="the calibration error")
 
 # %% ../nbs/17_exercises.ipynb #22836dfb
-_OPTIONS_08_4 = {
+choice_exercise("08.4", asks="why per-type weights 1/n_k in the head's cross-entropy move accuracy and macro-F1 apart: one letter, 'a' to 'd'", right="a", options={
     "a": "Yes: with w_k ∝ 1/n_k a mistake on one of the 6 naive T cells of the training split costs the head as much as "
          "28 mistakes on dendritic cells, so it gives up some cells of the large types to recall the small ones. "
          "Accuracy counts cells and falls; macro-F1 counts types and can rise.",
@@ -798,13 +782,7 @@ _OPTIONS_08_4 = {
          "problem, and the weighted one has its own optimum.",
     "d": "Not so: macro-F1 is not computed with the class weights; it averages the per-type F1 with equal weight, "
          "whatever the head was trained with.",
-}
-
-
-@exercise("08.4", asks="why per-type weights 1/n_k in the head's cross-entropy move accuracy and macro-F1 apart: one letter, 'a' to 'd'")
-def _check_08_4(answer):
-    "a: rare types gain at the cost of large ones; b: other test cells; c: training fails; d: the weights enter macro-F1."
-    return judge_choice(answer, "a", _OPTIONS_08_4)
+})
 
 # %% ../nbs/17_exercises.ipynb #341a810d
 _BATCH_SDS_09_1 = (0.1, 0.3, 0.6, 1.2)
@@ -846,7 +824,8 @@ def _check_09_2(answer):
     return judge_number(value, (lisi - 1) / 2, rtol=0.01, close=0.05, what="the scaled iLISI")
 
 # %% ../nbs/17_exercises.ipynb #72027b75
-_OPTIONS_09_3 = {
+choice_exercise("09.3", asks="which metric of the table sees the isolated label A.3 merged into a neighbour by a strong Harmony "
+    "(theta=4): one letter, 'a' to 'd'", right="d", options={
     "a": "Not so: batch ASW is computed within each cell type, and a type seen in one batch only has no batch silhouette: "
          "A.3 is skipped, whatever Harmony does to it.",
     "b": "Not so: iLISI looks at the batches among a cell's neighbours; A.3's cells pulled into a neighbouring type mix "
@@ -855,17 +834,10 @@ _OPTIONS_09_3 = {
          "neighbour is still connected, often better connected.",
     "d": "Yes: the isolated-label ASW takes the cell-type silhouette of the cells of A.3 against all other types; when "
          "Harmony pulls them onto a neighbouring type, their silhouette and the score fall.",
-}
-
-
-@exercise("09.3", asks="which metric of the table sees the isolated label A.3 merged into a neighbour by a strong Harmony "
-                       "(theta=4): one letter, 'a' to 'd'")
-def _check_09_3(answer):
-    "a: batch ASW; b: iLISI; c: graph connectivity; d: isolated-label ASW."
-    return judge_choice(answer, "d", _OPTIONS_09_3)
+})
 
 # %% ../nbs/17_exercises.ipynb #f40975b4
-_OPTIONS_09_4 = {
+choice_exercise("09.4", asks="why the teaching model's X_scf reaches a batch score as high as Harmony's: one letter, 'a' to 'd'", right="b", options={
     "a": "Not so: no batch label is ever shown to the model, and masked-gene prediction has no term that removes batches; "
          "it learned nothing about batches to undo.",
     "b": "Yes: after 60 steps the embedding carries little structure of any kind, so a cell's neighbours are nearly "
@@ -875,13 +847,7 @@ _OPTIONS_09_4 = {
          "not the gene-wise factors, which change the order of the genes within a cell.",
     "d": "Not so: the model's embedding has 128 dimensions against PCA's 30, but distances in more dimensions do not "
          "mix batches by themselves; Harmony mixes them in 30.",
-}
-
-
-@exercise("09.4", asks="why the teaching model's X_scf reaches a batch score as high as Harmony's: one letter, 'a' to 'd'")
-def _check_09_4(answer):
-    "a: it learned to remove batches; b: it has no structure at all; c: rank tokens remove every batch effect; d: its width."
-    return judge_choice(answer, "b", _OPTIONS_09_4)
+})
 
 # %% ../nbs/17_exercises.ipynb #1cb176b3
 def _ref_10_specs():
@@ -939,7 +905,7 @@ def _check_10_2(answer):
     return judge_set(answer, _ref_10_interacting(), what="interacting doubles", close=0.5)
 
 # %% ../nbs/17_exercises.ipynb #2ed0a500
-_OPTIONS_10_3 = {
+choice_exercise("10.3", asks="why the sum of two singles' exact responses misses the double's exact response: one letter, 'a' to 'd'", right="b", options={
     "a": "Not so: the simulator's network is linear in log space (propagate sums log effects), so two perturbations "
          "propagate to exactly the sum of their log effects; the network does not make them interact.",
     "b": "Yes: the log effects add, but then a knocked-out gene's counts are set to zero whatever the other perturbation "
@@ -949,13 +915,7 @@ _OPTIONS_10_3 = {
          "baseline built from observed singles, not this one.",
     "d": "Not so: two TFs that regulate each other still compose additively in a network that is linear in log space; "
          "mutual regulation changes each single's response, not their sum.",
-}
-
-
-@exercise("10.3", asks="why the sum of two singles' exact responses misses the double's exact response: one letter, 'a' to 'd'")
-def _check_10_3(answer):
-    "a: the network is non-linear; b: knockouts, normalisation and the log; c: sampling noise; d: mutual regulation."
-    return judge_choice(answer, "b", _OPTIONS_10_3)
+})
 
 # %% ../nbs/17_exercises.ipynb #b621d369
 @functools.cache
@@ -1028,7 +988,7 @@ def _check_11_2(answer):
     return judge_number(value, tables["tfs"]["spearman"], rtol=0.01, close=0.05, what="the Spearman correlation over the TFs")
 
 # %% ../nbs/17_exercises.ipynb #530f84bc
-_OPTIONS_11_3 = {
+choice_exercise("11.3", asks="one letter, a–d: why DE ranks the TFs worse than the other genes", right="b", options={
     "a": "No: a TF's knockout is simulated with the same knockout signal as any other gene's; what differs is what the "
          "network does with it afterwards.",
     "b": "Yes. For a gene that is no TF, τ is its own log-expression difference times log κ, which DE reads directly. A "
@@ -1039,11 +999,7 @@ _OPTIONS_11_3 = {
          "the truth τ is computed on log-rates, without any normalisation.",
     "d": "No: the TFs are expressed like other genes in the simulator, and the 20 TFs are scored from all their cells; "
          "too few counts would add noise, not the systematic gap the network creates.",
-}
-
-
-@exercise("11.3", asks="one letter, a–d: why DE ranks the TFs worse than the other genes")
-def _check_11_3(answer): return judge_choice(answer, "b", _OPTIONS_11_3)
+})
 
 # %% ../nbs/17_exercises.ipynb #cbc934db
 @functools.cache
@@ -1102,7 +1058,7 @@ def _check_12_1(answer):
     return status, "; ".join(why for s, why in verdicts if s != "right") + " (were the other kind's edges left out of the pairs?)"
 
 # %% ../nbs/17_exercises.ipynb #be9ec093
-_OPTIONS_12_2 = {
+choice_exercise("12.2", asks="one letter, a–d: why ranking by the signed correlation (absolute=False) fails on repressing edges", right="a", options={
     "a": "Yes. A repressor's targets go down when it goes up, so their correlation (or cosine) with it is negative. Ranked "
          "by the signed score they fall below the unrelated pairs, whose scores sit near 0, to the very bottom of the "
          "ranking, and the AUPRC drops below the random one. |r| ranks a strong negative link as high as a strong positive one.",
@@ -1112,11 +1068,7 @@ _OPTIONS_12_2 = {
          "them; the sign of r, not missing values, is what changes the ranking.",
     "d": "No: the network's weights enter the score only through the data; the sign of a weight shows up as the sign of "
          "the correlation, which is exactly what the absolute value discards.",
-}
-
-
-@exercise("12.2", asks="one letter, a–d: why ranking by the signed correlation (absolute=False) fails on repressing edges")
-def _check_12_2(answer): return judge_choice(answer, "a", _OPTIONS_12_2)
+})
 
 # %% ../nbs/17_exercises.ipynb #c9436db0
 @exercise("12.3", asks="the AUPRC of |partial correlation| over the chapter's candidate pairs (TFs × genes), a float")
@@ -1193,7 +1145,7 @@ def _check_13_2(answer):
     return status, "; ".join(why for s, why in verdicts if s != "right")
 
 # %% ../nbs/17_exercises.ipynb #3aeb51b3
-_OPTIONS_13_3 = {
+choice_exercise("13.3", asks="one letter, a–d: why the prior's projections P_s start at zero", right="c", options={
     "a": "No: zero projections do not save memory or time: the prior vectors are stored as buffers and projected in "
          "every forward pass from the first step on.",
     "b": "No: zeros are not what keeps the prior from leaking the hidden gene; that is why the special tokens (<mask> "
@@ -1203,11 +1155,7 @@ _OPTIONS_13_3 = {
          "difference at the end is what training chose to take from the prior.",
     "d": "No: a zero weight matrix still gets gradients (the gradient of P_s is the outer product of the upstream gradient "
          "and f_s(g), which is not zero), so the projections do train; they are not frozen by starting at zero.",
-}
-
-
-@exercise("13.3", asks="one letter, a–d: why the prior's projections P_s start at zero")
-def _check_13_3(answer): return judge_choice(answer, "c", _OPTIONS_13_3)
+})
 
 # %% ../nbs/17_exercises.ipynb #b0c5a40d
 @functools.cache
@@ -1259,7 +1207,7 @@ def _check_14_2(answer):
     return status, "; ".join(why for s, why in verdicts if s != "right") + " (epoch 0, seed=0, batch_size=32, every batch of the epoch)"
 
 # %% ../nbs/17_exercises.ipynb #f4ae1ca0
-_OPTIONS_14_3 = {
+choice_exercise("14.3", asks="one letter, a–d: what the sources' sha256 in the manifest catches that a modification time would not", right="b", options={
     "a": "No: a checksum is slower to compute than a modification time, not faster; the manifest pays that price for what "
          "a time cannot tell.",
     "b": "Yes. A modification time says when a file was written, not what it holds: a file restored from a backup, or "
@@ -1270,11 +1218,7 @@ _OPTIONS_14_3 = {
          "and by each shard's own checksums, not by the source's time.",
     "d": "No: a checksum of the source says nothing about the vocabulary; the shards record the vocabulary's gene_version "
          "separately, and a corpus built with other genes is refused for that reason.",
-}
-
-
-@exercise("14.3", asks="one letter, a–d: what the sources' sha256 in the manifest catches that a modification time would not")
-def _check_14_3(answer): return judge_choice(answer, "b", _OPTIONS_14_3)
+})
 
 # %% ../nbs/17_exercises.ipynb #3b91f95e
 def _ref_15_inputs():
@@ -1316,7 +1260,7 @@ def _check_15_1(answer):
     return ("close" if len(why) == 1 and "write the source" in why[0] else "wrong"), "; ".join(why)
 
 # %% ../nbs/17_exercises.ipynb #e7e63488
-_OPTIONS_15_2 = {
+choice_exercise("15.2", asks="one letter, a–d: why prepare takes X for the first input and the layer for the second", right="b", options={
     "a": "No: a layer is not ignored; `--layer counts` reads it, and without it prepare looks at X first, then the layers, "
          "then .raw, and takes the first that holds counts.",
     "b": "Yes. X is looked at first, and log-normalised values are counts in disguise: log1p of counts scaled to a common "
@@ -1325,11 +1269,7 @@ _OPTIONS_15_2 = {
     "c": "No: prepare compares no magnitudes; it looks at X first, then the layers, then .raw, and takes the first that "
          "holds counts or turns back into them exactly, whatever its size.",
     "d": "No: both matrices are sparse and of the same size; prepare decides by what the values are, not how they are stored.",
-}
-
-
-@exercise("15.2", asks="one letter, a–d: why prepare takes X for the first input and the layer for the second")
-def _check_15_2(answer): return judge_choice(answer, "b", _OPTIONS_15_2)
+})
 
 # %% ../nbs/17_exercises.ipynb #2450b7a4
 @functools.cache
@@ -1412,7 +1352,7 @@ def _check_16_2(answer):
     return "wrong", "; ".join(hints)
 
 # %% ../nbs/17_exercises.ipynb #e7d87602
-_OPTIONS_16_3 = {
+choice_exercise("16.3", asks="one letter, a–d: where our 2.9× speed-up over Geneformer's extractor comes from", right="a", options={
     "a": "Yes. The extractor's path runs the whole BertForMaskedLM: every layer, the vocabulary head on every token, and "
          "attention over padding; ours stops at the layer the embedding is read from (-2), has no head, and packs the "
          "tokens so no work is done on padding. The weights and the outputs are the same (they agree to 1e-6).",
@@ -1422,8 +1362,4 @@ _OPTIONS_16_3 = {
          "(our batch is translated back into the peer's ids by geneformer_inputs).",
     "d": "No: both read the same tokens of the same cells (at most 256 genes each), so neither sees fewer genes; "
          "the speed-up comes from work ours skips on the same input.",
-}
-
-
-@exercise("16.3", asks="one letter, a–d: where our 2.9× speed-up over Geneformer's extractor comes from")
-def _check_16_3(answer): return judge_choice(answer, "a", _OPTIONS_16_3)
+})

@@ -616,7 +616,7 @@ def matmul_peak_flops(device="cpu",            # the device the model trains on
     key = (str(device), precision)
     if key not in _PEAKS:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-        slow_bf16 = precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        slow_bf16 = precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16()
         sizes = sizes or ((256, 512) if slow_bf16 else (1024, 2048) if device.type == "cpu" else (4096, 8192))
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         _PEAKS[key] = declared_peak_flops(name, precision) or _matmul_probe(device, dtype, sizes, repeats)
