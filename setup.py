@@ -13,6 +13,7 @@ lic = licenses[cfg["license"]]
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
 bench_requirements = cfg.get("bench_requirements", "").split()  # peers that bench/ compares against
+scvi_requirements = cfg.get("scvi_requirements", "").split()    # scVI, a baseline of chapters 7 and 9
 scripts = [s.strip() for s in cfg.get("console_scripts", "").split() if s.strip()]
 
 setuptools.setup(
@@ -37,7 +38,7 @@ setuptools.setup(
     include_package_data=True,
     package_data={"scfoundation": ["assets/*"]},
     install_requires=requirements,
-    extras_require={"dev": dev_requirements, "bench": bench_requirements},
+    extras_require={"dev": dev_requirements, "bench": bench_requirements, "scvi": scvi_requirements},
     python_requires=">=" + cfg["min_python"],
     entry_points={"console_scripts": scripts, "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,

@@ -16,7 +16,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     if "numba" in sys.modules: sys.modules["numba"].config.THREADING_LAYER = "workqueue"  # imported (by scanpy), not yet started
 
 _MODULES = ("data", "genes", "tokenization", "simulate", "model", "train", "evaluate", "annotate",
-            "integrate", "perturb", "insilico", "grn", "prior", "corpus", "cli", "published", "exercises")
+            "integrate", "perturb", "insilico", "grn", "prior", "corpus", "cli", "published", "study", "exercises")
 
 
 def __getattr__(name):

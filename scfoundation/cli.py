@@ -292,7 +292,7 @@ def _plot_history(history: pd.DataFrame):
 
 # %% ../nbs/15_cli.ipynb #da88a627
 def demo(out_dir: str | Path = "results", # where figures, tables and the model go
-         steps: int = 200, # pretraining steps (teaching config)
+         steps: int = 400, # pretraining steps (teaching config; about 2.5 min on 2 CPU cores, the study's demo budget)
          seed: int = 0, # one seed for everything
          progress: bool = True, # progress bars
         ) -> pd.DataFrame:
@@ -442,7 +442,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job on built-in data: prints a table, saves figures",
                        description="Run the whole walk on scanpy's pbmc68k_reduced (700 real PBMCs); nothing downloads.")
     d.add_argument("--out", default="results", help="folder for figures and tables (default: results)")
-    d.add_argument("--steps", type=int, default=200, help="pretraining steps (default 200)")
+    d.add_argument("--steps", type=int, default=400, help="pretraining steps (default 400)")
     d.set_defaults(output_folders=["out"])
     b = sub.add_parser("book", help="open the book: JupyterLab on the notebooks, with this environment as the kernel",
                        description="Start JupyterLab on the book's notebooks (nbs/ of the clone this package is installed "

@@ -115,7 +115,7 @@ def get_batches(adata: ad.AnnData, # cells with a batch column in `obs`
 def _score_embedding(embedding: np.ndarray, labels: np.ndarray, batches: np.ndarray, n_neighbors: int, seed: int) -> dict:
     "Every metric of one embedding."
     from sklearn.metrics import silhouette_score
-    clusters, _ = leiden_clusters(embedding, len(np.unique(labels)), n_neighbors, seed)
+    clusters, _ = leiden_clusters(embedding, labels, n_neighbors=n_neighbors, seed=seed)
     row = {"batch_ASW": batch_asw(embedding, batches, labels), "iLISI": knn_ilisi(embedding, batches, n_neighbors),
            "graph_connectivity": graph_connectivity(embedding, labels, n_neighbors),
            **cluster_scores(labels, clusters),

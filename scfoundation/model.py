@@ -76,7 +76,7 @@ NAMED_CONFIGS = {
     "geneformer-6l": dict(vocab_size=25_426, input_kind="rank", d_model=256, n_layers=6, n_heads=4,
                           d_ff=512, dropout=0.02, max_len=2048, activation="relu"),
     "teaching": dict(input_kind="rank", d_model=128, n_layers=2, n_heads=4, d_ff=256, dropout=0.0,
-                     max_len=1024),
+                     max_len=1024, pooling="mean"),   # mean pooling: the better zero-shot embedding (chapter 17's study)
 }
 
 @dataclass

@@ -9,8 +9,9 @@ import torch
 
 from scfoundation.data import DataError
 from scfoundation.evaluate import (cluster_scores, embed_adata, embed_cells, evaluate_embeddings, gene_embeddings,
-                                   get_embedding, get_labels, iter_batches, knn_accuracy, label_silhouette, leiden_clusters,
-                                   obs_values, pca_baseline, sample_cells, stratified_split)
+                                   evaluate_seeds, format_mean_sd, get_embedding, get_labels, iter_batches, knn_accuracy,
+                                   label_silhouette, leiden_clusters, leiden_sweep, LEIDEN_RESOLUTIONS, neighbors_graph,
+                                   obs_values, pca_baseline, sample_cells, scvi_baseline, seed_summary, stratified_split)
 from scfoundation.genes import GeneError, Vocab
 from scfoundation.model import ModelConfig, SCFModel
 from scfoundation.tokenization import CellDataset, collate
@@ -169,17 +170,59 @@ def test_pca_baseline_caps_components_on_tiny_data(make_cells):
     assert pca_baseline(tiny, n_hvg=5, n_comps=50).shape == (6, 5)
 
 
-def test_leiden_hits_the_target_and_is_deterministic(cells):
-    clusters, resolution = leiden_clusters(cells.obsm["X_good"], n_clusters=4, seed=0)
-    assert len(np.unique(clusters)) == 4 and resolution > 0
-    np.testing.assert_array_equal(leiden_clusters(cells.obsm["X_good"], n_clusters=4, seed=0)[0], clusters)
-    assert cluster_scores(cells.obs["cell_type"].to_numpy(), clusters)["ARI"] > 0.95
+def test_leiden_sweep_picks_the_best_nmi_and_is_deterministic(cells):
+    labels = cells.obs["cell_type"].astype(str).to_numpy()
+    clusters, resolution = leiden_clusters(cells.obsm["X_good"], labels, seed=0)
+    assert resolution in LEIDEN_RESOLUTIONS and len(np.unique(clusters)) == 4
+    np.testing.assert_array_equal(leiden_clusters(cells.obsm["X_good"], labels, seed=0)[0], clusters)
+    assert cluster_scores(labels, clusters)["ARI"] > 0.95
+    sweep = leiden_sweep(neighbors_graph(cells.obsm["X_good"]), labels)
+    assert list(sweep.index) == list(LEIDEN_RESOLUTIONS) and list(sweep.columns) == ["ARI", "NMI", "n_clusters"]
+    assert resolution == sweep["NMI"].idxmax() and sweep.loc[resolution, "NMI"] == cluster_scores(labels, clusters)["NMI"]
 
 
-def test_more_clusters_asked_more_found(cells):
-    few = len(np.unique(leiden_clusters(cells.obsm["X_noise"], n_clusters=2)[0]))
-    many = len(np.unique(leiden_clusters(cells.obsm["X_noise"], n_clusters=8)[0]))
-    assert few < many
+def test_higher_resolution_more_clusters(cells):
+    labels = cells.obs["cell_type"].astype(str).to_numpy()
+    sweep = leiden_sweep(neighbors_graph(cells.obsm["X_noise"]), labels, resolutions=[0.1, 2.0])
+    assert sweep.loc[0.1, "n_clusters"] < sweep.loc[2.0, "n_clusters"]
+
+
+def test_neighbors_graph_is_scanpys(cells):
+    import scanpy as sc
+    graph = neighbors_graph(cells.obsm["X_good"], n_neighbors=10)
+    reference = ad.AnnData(obs=pd.DataFrame(index=cells.obs_names), obsm={"E": cells.obsm["X_good"]})
+    sc.pp.neighbors(reference, n_neighbors=10, use_rep="E", random_state=0)
+    assert abs(graph.obsp["connectivities"] - reference.obsp["connectivities"]).max() < 1e-6
+
+
+def test_evaluate_seeds_and_summary(cells):
+    runs = evaluate_seeds(cells, {"good": "X_good", "noise": ["X_noise", "X_noise", "X_good"]}, seeds=(0, 1, 2))
+    assert list(runs.index) == ["good"] * 3 + ["noise"] * 3 and list(runs.seed) == [0, 1, 2] * 2
+    summary = seed_summary(runs)
+    assert summary.columns.get_level_values(1).tolist()[:2] == ["mean", "sd"] and "seed" not in summary.columns.get_level_values(0)
+    assert np.isclose(summary.loc["noise", ("knn_accuracy", "mean")], runs.loc["noise", "knn_accuracy"].mean())
+    assert summary.loc["noise", ("knn_accuracy", "sd")] > summary.loc["good", ("knn_accuracy", "sd")]  # one seed scored X_good
+    text = format_mean_sd(summary[["ARI"]], digits=2)
+    assert text.loc["good", "ARI"].count(" ± ") == 1
+    with pytest.raises(DataError, match="one per seed"): evaluate_seeds(cells, {"noise": ["X_noise", "X_good"]})
+
+
+def test_scvi_baseline_learns_the_types(cells):
+    pytest.importorskip("scvi")
+    before = cells.X.copy()
+    latent = scvi_baseline(cells, max_epochs=30, seed=0)
+    assert latent.shape == (cells.n_obs, 10) and cells.uns["X_scvi"]["epochs"] == 30
+    assert (cells.X != before).nnz == 0
+    table = evaluate_embeddings(cells, keys=["X_scvi", "X_noise"])
+    assert table.loc["X_scvi", "knn_accuracy"] > 0.9 > table.loc["X_noise", "knn_accuracy"]
+
+
+def test_scvi_baseline_refuses_normalised_data_unchanged(cells):
+    pytest.importorskip("scvi")
+    cells.X = sp.csr_matrix(cells.X, dtype=np.float32) * 0.5 + 0.25 * (cells.X != 0)
+    before = cells.X.copy()
+    with pytest.raises(DataError, match="raw counts"): scvi_baseline(cells, max_epochs=1)
+    assert (cells.X != before).nnz == 0 and "X_scvi" not in cells.obsm
 
 
 def test_cluster_scores_range_and_label_permutation():

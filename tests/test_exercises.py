@@ -1,5 +1,5 @@
 """Exercises that check themselves: every numbered exercise of every chapter has a checker, and every
-checker has a solution (in nbs/17_exercises.ipynb, run by nbdev_test) that passes it, beside a typical
+checker has a solution (in nbs/18_exercises.ipynb, run by nbdev_test) that passes it, beside a typical
 wrong answer that it refuses. These tests read the notebooks; the notebook run proves the verdicts.
 
     python -m pytest tests/test_exercises.py -q
@@ -12,7 +12,7 @@ import pytest
 import scfoundation.exercises as exercises
 
 ROOT = Path(__file__).resolve().parents[1]
-SOLUTIONS = ROOT / "nbs" / "17_exercises.ipynb"
+SOLUTIONS = ROOT / "nbs" / "18_exercises.ipynb"
 CHAPTERS = sorted(p for p in (ROOT / "nbs").glob("[0-9][0-9]_*.ipynb") if p != SOLUTIONS)
 
 

@@ -1,0 +1,132 @@
+"""What makes the pretrained model better per CPU-minute? Pretrain variants of the teaching model on
+pbmc68k (700 cells, no labels) and score the zero-shot embedding of every checkpoint: kNN label
+accuracy (mean over three stratified splits) with `<cls>` and with mean pooling, beside PCA on HVGs.
+
+    python bench/pretraining_study.py --list                  # the variants
+    python bench/pretraining_study.py --runs base lr3e-3      # some of them (seed 0, 400 steps)
+    python bench/pretraining_study.py --runs base --seeds 0 1 2 --baselines --out bench/results/pretraining_study.csv
+
+The committed table that chapter 17 plots (bench/results/pretraining_study.csv) was made with
+    python bench/pretraining_study.py --baselines --out bench/results/pretraining_study.csv
+    python bench/pretraining_study.py --runs base --seeds 1 2 --out bench/results/pretraining_study.csv
+    python bench/pretraining_study.py --runs --baselines --seeds 1 2 --out bench/results/pretraining_study.csv
+
+One row per (variant, seed, checkpoint step, pooling) with the loss, the cells and FLOPs seen so far,
+the wall time, and the kNN accuracy. Quality does not depend on the machine's load; the wall time does:
+time on a quiet machine.
+"""
+import argparse, tempfile, time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from scfoundation.data import load_pbmc68k
+from scfoundation.evaluate import embed_cells, get_labels, knn_accuracy, pca_baseline
+from scfoundation.genes import map_genes
+from scfoundation.model import ModelConfig, SCFModel
+from scfoundation.train import TrainConfig, pretrain
+
+BASE_TRAIN = dict(batch_size=32, lr=1e-3, warmup_steps=30)      # the demo's settings
+VARIANTS = {                                                     # name: (ModelConfig overrides, TrainConfig overrides)
+    "base": ({}, {}),
+    "lr3e-4": ({}, dict(lr=3e-4)),
+    "lr3e-3": ({}, dict(lr=3e-3)),
+    "lr1e-2": ({}, dict(lr=1e-2)),
+    "mask0.3": ({}, dict(mask_prob=0.3)),
+    "bins": (dict(input_kind="bins"), {}),
+    "continuous": (dict(input_kind="continuous"), {}),
+    "d64": (dict(d_model=64, d_ff=128), {}),
+    "d256": (dict(d_model=256, d_ff=512), {}),
+    "4layers": (dict(n_layers=4), {}),
+    "batch64": ({}, dict(batch_size=64)),
+}
+DEFAULT_RUNS = ["base", "lr3e-4", "lr3e-3", "lr1e-2", "mask0.3", "bins", "continuous", "d64"]   # the committed table
+SPLIT_SEEDS = (0, 1, 2)
+
+
+def zero_shot_accuracy(model: SCFModel, cells, labels) -> dict:
+    "kNN accuracy (mean over SPLIT_SEEDS) of the model's embedding under each pooling."
+    scores = {}
+    for pooling in ("cls", "mean"):
+        model.config = replace(model.config, pooling=pooling)
+        embedding = embed_cells(model, cells)
+        scores[pooling] = float(np.mean([knn_accuracy(embedding, labels, seed=seed) for seed in SPLIT_SEEDS]))
+    return scores
+
+
+def baseline_rows(cells, labels, seeds) -> list[dict]:
+    "PCA on HVGs (one embedding) and scVI (one model per seed, 100 epochs as in chapter 7), scored like the model."
+    from scfoundation.evaluate import scvi_baseline
+    rows = []
+    for seed in seeds:
+        for name, embedding in (("PCA on HVGs", pca_baseline(cells.copy())), ("scVI", scvi_baseline(cells.copy(), max_epochs=100, seed=seed))):
+            accuracy = float(np.mean([knn_accuracy(embedding, labels, seed=split) for split in SPLIT_SEEDS]))
+            rows.append(dict(variant=name, seed=seed, pooling="", knn_accuracy=accuracy))
+    return rows
+
+
+def run_variant(name: str, seed: int, steps: int, eval_every: int, cells, labels) -> list[dict]:
+    model_overrides, train_overrides = VARIANTS[name]
+    model_config = ModelConfig.named("teaching", **model_overrides)
+    train_config = TrainConfig(steps=steps, seed=seed, save_every=eval_every, keep_last=0, **{**BASE_TRAIN, **train_overrides})
+    folder = Path(tempfile.mkdtemp(prefix=f"study-{name}-"))
+    started = time.perf_counter()
+    history = pretrain(cells, model_config, train_config, folder, progress=False).history
+    seconds = time.perf_counter() - started
+    rows = []
+    for step in range(eval_every, steps + 1, eval_every):
+        model = SCFModel.from_pretrained(folder / f"checkpoint-{step}")
+        done = history[history.step <= step]
+        for pooling, accuracy in zero_shot_accuracy(model, cells, labels).items():
+            rows.append(dict(variant=name, seed=seed, step=step, pooling=pooling, knn_accuracy=accuracy,
+                             loss=float(done.loss.iloc[-10:].mean()), cells_seen=step * train_config.batch_size,
+                             flops=float(done.flops.sum()), seconds=seconds * step / steps,
+                             lr=train_config.lr, input_kind=model_config.input_kind, d_model=model_config.d_model,
+                             n_layers=model_config.n_layers, mask_prob=train_config.mask_prob))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="*", default=DEFAULT_RUNS, help=f"variants to run (default: {' '.join(DEFAULT_RUNS)})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="pretraining seeds (default 0)")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per run (default 400: the demo's budget)")
+    parser.add_argument("--eval-every", type=int, default=50, help="score a checkpoint every N steps (default 50)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--out", type=Path, help="append the rows to this CSV")
+    parser.add_argument("--baselines", action="store_true", help="also score PCA on HVGs and scVI at each seed")
+    parser.add_argument("--list", action="store_true", help="print the variants and stop")
+    args = parser.parse_args()
+    if args.list:
+        for name, (model_overrides, train_overrides) in VARIANTS.items(): print(f"{name:<12} model {model_overrides} train {train_overrides}")
+        return
+    unknown = set(args.runs) - set(VARIANTS)
+    if unknown: parser.error(f"unknown variants {sorted(unknown)}: see --list")
+    torch.set_num_threads(args.threads)
+    cells = map_genes(load_pbmc68k())
+    labels = get_labels(cells, "cell_type")
+    if args.baselines:
+        rows = pd.DataFrame(baseline_rows(cells, labels, args.seeds))
+        print(rows.groupby("variant").knn_accuracy.agg(["mean", "std"]).round(3).to_string(), flush=True)
+        if args.out is not None: _append(rows, args.out)
+    for name in args.runs:
+        for seed in args.seeds:
+            rows = pd.DataFrame(run_variant(name, seed, args.steps, args.eval_every, cells, labels))
+            print(rows.pivot_table(index=["variant", "seed", "step", "loss", "seconds"], columns="pooling", values="knn_accuracy").round(3).to_string(), flush=True)
+            if args.out is not None: _append(rows, args.out)
+
+
+COLUMNS = ["variant", "seed", "step", "pooling", "knn_accuracy", "loss", "cells_seen", "flops", "seconds",
+           "lr", "input_kind", "d_model", "n_layers", "mask_prob"]
+
+def _append(rows: pd.DataFrame, path: Path):
+    "Append rows to the CSV (created with its header the first time)."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows.reindex(columns=COLUMNS).to_csv(path, mode="a", header=not path.exists(), index=False)
+
+
+if __name__ == "__main__":
+    main()
