@@ -1362,8 +1362,9 @@ choice_exercise("16.3", asks="one letter, a–d: where our 2.9× speed-up over G
 # %% ../nbs/18_exercises.ipynb #013b012a
 def _study_table() -> pd.DataFrame:
     "The committed table of chapter 17 (bench/results/pretraining_study.csv in the repository)."
+    import scfoundation
     from scfoundation.study import load_study
-    return load_study(Path(__file__).resolve().parents[1] / "bench" / "results" / "pretraining_study.csv")
+    return load_study(Path(scfoundation.__file__).resolve().parents[1] / "bench" / "results" / "pretraining_study.csv")
 
 
 @functools.cache
