@@ -27,6 +27,7 @@ from scfoundation.data import load_pbmc68k
 from scfoundation.evaluate import embed_cells, get_labels, knn_accuracy, pca_baseline
 from scfoundation.genes import map_genes
 from scfoundation.model import ModelConfig, SCFModel
+from scfoundation.study import STUDY_COLUMNS
 from scfoundation.train import TrainConfig, pretrain
 
 BASE_TRAIN = dict(batch_size=32, lr=1e-3, warmup_steps=30)      # the demo's settings
@@ -119,13 +120,10 @@ def main():
             if args.out is not None: _append(rows, args.out)
 
 
-COLUMNS = ["variant", "seed", "step", "pooling", "knn_accuracy", "loss", "cells_seen", "flops", "seconds",
-           "lr", "input_kind", "d_model", "n_layers", "mask_prob"]
-
 def _append(rows: pd.DataFrame, path: Path):
     "Append rows to the CSV (created with its header the first time)."
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows.reindex(columns=COLUMNS).to_csv(path, mode="a", header=not path.exists(), index=False)
+    rows.reindex(columns=STUDY_COLUMNS).to_csv(path, mode="a", header=not path.exists(), index=False)
 
 
 if __name__ == "__main__":
