@@ -43,6 +43,10 @@ VARIANTS = {                                                     # name: (ModelC
     "d256": (dict(d_model=256, d_ff=512), {}),
     "4layers": (dict(n_layers=4), {}),
     "batch64": ({}, dict(batch_size=64)),
+    "len64": (dict(max_len=64), {}),                             # the 63 highest-ranked genes of each cell (the laptop config)
+    "len128": (dict(max_len=128), {}),
+    "len64-lr3e-4": (dict(max_len=64), dict(lr=3e-4)),
+    "len64-3000": (dict(max_len=64), dict(steps=3000, save_every=250)),         # the demo's 5-minute budget, spent on short cells
 }
 DEFAULT_RUNS = ["base", "lr3e-4", "lr3e-3", "lr1e-2", "mask0.3", "bins", "continuous", "d64"]   # the committed table
 SPLIT_SEEDS = (0, 1, 2)
@@ -72,21 +76,21 @@ def baseline_rows(cells, labels, seeds) -> list[dict]:
 def run_variant(name: str, seed: int, steps: int, eval_every: int, cells, labels) -> list[dict]:
     model_overrides, train_overrides = VARIANTS[name]
     model_config = ModelConfig.named("teaching", **model_overrides)
-    train_config = TrainConfig(steps=steps, seed=seed, save_every=eval_every, keep_last=0, **{**BASE_TRAIN, **train_overrides})
+    train_config = TrainConfig(**{**dict(steps=steps, save_every=eval_every), **BASE_TRAIN, **train_overrides, "seed": seed, "keep_last": 0})
     folder = Path(tempfile.mkdtemp(prefix=f"study-{name}-"))
     started = time.perf_counter()
     history = pretrain(cells, model_config, train_config, folder, progress=False).history
     seconds = time.perf_counter() - started
     rows = []
-    for step in range(eval_every, steps + 1, eval_every):
+    for step in range(train_config.save_every, train_config.steps + 1, train_config.save_every):
         model = SCFModel.from_pretrained(folder / f"checkpoint-{step}")
         done = history[history.step <= step]
         for pooling, accuracy in zero_shot_accuracy(model, cells, labels).items():
             rows.append(dict(variant=name, seed=seed, step=step, pooling=pooling, knn_accuracy=accuracy,
                              loss=float(done.loss.iloc[-10:].mean()), cells_seen=step * train_config.batch_size,
-                             flops=float(done.flops.sum()), seconds=seconds * step / steps,
+                             flops=float(done.flops.sum()), seconds=seconds * step / train_config.steps,
                              lr=train_config.lr, input_kind=model_config.input_kind, d_model=model_config.d_model,
-                             n_layers=model_config.n_layers, mask_prob=train_config.mask_prob))
+                             n_layers=model_config.n_layers, mask_prob=train_config.mask_prob, max_len=model_config.max_len))
     return rows
 
 

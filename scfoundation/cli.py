@@ -292,7 +292,7 @@ def _plot_history(history: pd.DataFrame):
 
 # %% ../nbs/15_cli.ipynb #da88a627
 def demo(out_dir: str | Path = "results", # where figures, tables and the model go
-         steps: int = 400, # pretraining steps (teaching config; about 2.5 min on 2 CPU cores, the study's demo budget)
+         steps: int = 3000, # pretraining steps (laptop config; about 2.5 min on 2 CPU cores: chapter 17's choice)
          seed: int = 0, # one seed for everything
          progress: bool = True, # progress bars
         ) -> pd.DataFrame:
@@ -304,7 +304,7 @@ def demo(out_dir: str | Path = "results", # where figures, tables and the model 
     data.qc_metrics(pbmc)
     _save(data.plot_qc(pbmc, min_genes=50), out / "qc.png")
     cells = prepare(pbmc, min_genes=50)
-    history = pretrain_command(cells, out / "model", steps=steps, seed=seed, progress=progress, save_every=max(steps // 2, 1)).history
+    history = pretrain_command(cells, out / "model", config="laptop", steps=steps, seed=seed, progress=progress, save_every=max(steps // 2, 1)).history
     _save(_plot_history(history), out / "loss.png")
     embedded = embed_command(out / "model", cells, progress=progress)
     table = evaluate_command(embedded, seed=seed)
@@ -390,7 +390,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "the result to OUT/final; re-running the same command resumes.")
     t.add_argument("input", help=f"cells: .h5ad / 10x input, a corpus folder, or '{DEFAULT_DATA}'")
     t.add_argument("--out", required=True, help="run folder for checkpoints and the final model")
-    t.add_argument("--config", default="teaching", choices=["teaching", "geneformer-6l"], help="named model size (default teaching)")
+    t.add_argument("--config", default="teaching", choices=["teaching", "laptop", "geneformer-6l"], help="named model size (default teaching)")
     t.add_argument("--input-kind", default="rank", choices=list(INPUT_KINDS),
                    help="tokenization: rank-value (Geneformer), value bins (scGPT), continuous values (scFoundation)")
     t.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
@@ -442,7 +442,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job on built-in data: prints a table, saves figures",
                        description="Run the whole walk on scanpy's pbmc68k_reduced (700 real PBMCs); nothing downloads.")
     d.add_argument("--out", default="results", help="folder for figures and tables (default: results)")
-    d.add_argument("--steps", type=int, default=400, help="pretraining steps (default 400)")
+    d.add_argument("--steps", type=int, default=3000, help="pretraining steps (default 3000)")
     d.set_defaults(output_folders=["out"])
     b = sub.add_parser("book", help="open the book: JupyterLab on the notebooks, with this environment as the kernel",
                        description="Start JupyterLab on the book's notebooks (nbs/ of the clone this package is installed "

@@ -832,16 +832,15 @@ choice_exercise("09.3", asks="which metric of the table sees the isolated label 
 })
 
 # %% ../nbs/18_exercises.ipynb #f40975b4
-choice_exercise("09.4", asks="why the teaching model's X_scf reaches a batch score as high as Harmony's: one letter, 'a' to 'd'", right="b", options={
-    "a": "Not so: no batch label is ever shown to the model, and masked-gene prediction has no term that removes batches; "
-         "it learned nothing about batches to undo.",
-    "b": "Yes: after 60 steps the embedding carries little structure of any kind, so a cell's neighbours are nearly "
-         "random cells, of every batch and every type. Mixing batches is then no achievement: the bio score shows "
-         "it, which is why scib reports both and weights biology higher.",
-    "c": "Not so: rank-value tokens do remove the cell's library size, one of the simulator's two batch effects, but "
-         "not the gene-wise factors, which change the order of the genes within a cell.",
-    "d": "Not so: the model's embedding has 128 dimensions against PCA's 30, but distances in more dimensions do not "
-         "mix batches by themselves; Harmony mixes them in 30.",
+choice_exercise("09.4", asks="why the laptop model's X_scf keeps the batches apart without a batch label: one letter, 'a' to 'd'", right="b", options={
+    "a": "Not so: a token is a gene id (and, for other input kinds, a value); nothing about the batch is added to it.",
+    "b": "Yes: the simulator's batches scale genes and depth, which changes which genes a cell expresses and their "
+         "ranks. Masked-gene prediction rewards whatever makes the hidden genes predictable, the batch included, and "
+         "has no term that asks the model to forget it; integration needs a method that removes it (Harmony, scVI's "
+         "batch covariate).",
+    "c": "Not so: the tokenizer reads counts and gene names only; obs columns never reach the model.",
+    "d": "Not so: the embedding's width does not decide what it encodes; uncorrected PCA keeps batches apart in 30 "
+         "dimensions for the same reason, the batch effect is in the counts.",
 })
 
 # %% ../nbs/18_exercises.ipynb #1cb176b3

@@ -78,6 +78,7 @@ NAMED_CONFIGS = {
     "teaching": dict(input_kind="rank", d_model=128, n_layers=2, n_heads=4, d_ff=256, dropout=0.0,
                      max_len=1024, pooling="mean"),   # mean pooling: the better zero-shot embedding (chapter 17's study)
 }
+NAMED_CONFIGS["laptop"] = {**NAMED_CONFIGS["teaching"], "max_len": 64}   # each cell's 63 top-ranked genes (chapter 17's study)
 
 @dataclass
 class ModelConfig(Config):
@@ -146,7 +147,7 @@ class ModelConfig(Config):
         return INPUT_KINDS[self.input_kind]
 
     @classmethod
-    def named(cls, name: str, # "teaching" | "geneformer-6l"
+    def named(cls, name: str, # "teaching" | "laptop" | "geneformer-6l"
               **overrides,     # any field, e.g. vocab_size=len(vocab)
              ) -> "ModelConfig":
         "A named configuration, with `overrides` applied."

@@ -7,11 +7,13 @@ import pandas as pd
 import pytest
 
 from scfoundation.data import DataError
-from scfoundation.study import (STUDY_COLUMNS, baseline_levels, few_shot_annotation, few_shot_mask, load_study,
-                                logistic_on_embedding, plot_few_shot, plot_study, study_curves)
+from scfoundation.study import (STUDY_COLUMNS, TRANSFER_COLUMNS, baseline_levels, few_shot_annotation, few_shot_mask,
+                                full_finetune_epochs, load_study, load_transfer, logistic_on_embedding, plot_few_shot,
+                                plot_study, plot_transfer, study_curves, transfer_summary)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "bench" / "results" / "pretraining_study.csv"
+COMMITTED_TRANSFER = ROOT / "bench" / "results" / "transfer_study.csv"
 
 
 def toy_study(path: Path) -> Path:
@@ -92,6 +94,53 @@ def test_few_shot_annotation_on_generated_cells(typed_cells):
     before = set(cells.obs.columns)
     runs = few_shot_annotation(cells, model, n_per_type=(1, None), seed=0, head_epochs=5)
     assert list(runs.index.unique()) == ["logreg_hvg", "logreg_pca", "scf_head"] and set(runs.per_type) == {"1", "all"}
+    with_full = few_shot_annotation(cells, model, n_per_type=(1,), seed=0, head_epochs=5, full_steps=2)
+    assert list(with_full.index.unique()) == ["logreg_hvg", "logreg_pca", "scf_head", "scf_full"]
+    assert with_full.loc["scf_head", "accuracy"] == runs[runs.per_type == "1"].loc["scf_head", "accuracy"]   # same cells, same head
     assert runs[runs.per_type == "1"].n_labelled.unique().tolist() == [3] and runs[runs.per_type == "all"].n_labelled.iloc[0] == 42
     assert runs.accuracy.between(0, 1).all() and set(cells.obs.columns) == before        # the input is not modified
     assert len(plot_few_shot(runs).axes[0].lines) == 3
+
+
+def test_full_finetune_epochs_give_a_fixed_number_of_steps():
+    for n_labelled in (1, 10, 33, 64, 490):
+        epochs = full_finetune_epochs(n_labelled, 32, batch_size=32)
+        steps_per_epoch = -(-n_labelled // 32)
+        assert epochs * steps_per_epoch >= 32 and (epochs - 1) * steps_per_epoch < 32
+    with pytest.raises(DataError, match="at least one step"): full_finetune_epochs(10, 0)
+
+
+def toy_transfer(path: Path) -> Path:
+    "A model with checkpoints at two steps over three seeds, and one baseline per seed."
+    rows = [dict(method="model (atlas)", seed=seed, step=step, knn_accuracy=0.5 + step / 1000 + seed / 100,
+                 few_shot_1_f1=0.4, few_shot_5_f1=0.6, loss=5.0, cells_seen=step * 32, seconds=step / 10)
+            for seed in (0, 1, 2) for step in (100, 200)]
+    rows += [dict(method="PCA on HVGs", seed=seed, knn_accuracy=0.8, few_shot_1_f1=0.5 + seed / 10, few_shot_5_f1=0.7) for seed in (0, 1, 2)]
+    pd.DataFrame(rows).reindex(columns=TRANSFER_COLUMNS).to_csv(path, index=False)
+    return path
+
+
+def test_transfer_table_summary_and_figure(tmp_path):
+    table = load_transfer(toy_transfer(tmp_path / "transfer.csv"))
+    summary = transfer_summary(table)
+    assert np.isclose(summary.loc["model (atlas)", ("knn_accuracy", "mean")], 0.71)           # the last step only
+    assert np.isclose(summary.loc["PCA on HVGs", ("few_shot_1_f1", "sd")], 0.1) and summary.attrs["n_seeds"] == 3
+    fig = plot_transfer(table, "knn_accuracy")
+    assert len(fig.axes[0].lines) == 2                                                         # the model and the baseline
+    with pytest.raises(DataError, match="use one of"): plot_transfer(table, "auroc")
+    with pytest.raises(DataError, match="transfer_study.py"): load_transfer(tmp_path / "missing.csv")
+    pd.DataFrame({"method": ["x"]}).to_csv(tmp_path / "other.csv", index=False)
+    with pytest.raises(DataError, match="lacks the columns"): load_transfer(tmp_path / "other.csv")
+
+
+def test_committed_transfer_table_is_complete():
+    transfer = load_transfer(COMMITTED_TRANSFER)
+    assert {"model (atlas)", "model (held-out cells)", "PCA on HVGs", "PCA (atlas)", "scVI", "scVI (atlas)", "LR on HVGs"} <= set(transfer.method)
+    assert (transfer.groupby("method").seed.nunique() >= 3).all()
+
+
+@pytest.mark.parametrize("script", ["pretraining_study.py", "transfer_study.py"])
+def test_study_scripts_explain_themselves(script):
+    import subprocess, sys
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "bench/results/" in run.stdout, run.stderr[-2000:]
