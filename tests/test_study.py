@@ -144,3 +144,28 @@ def test_study_scripts_explain_themselves(script):
     import subprocess, sys
     run = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--help"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "bench/results/" in run.stdout, run.stderr[-2000:]
+
+
+def test_committed_input_kinds_have_seed_bands():
+    study = load_study(COMMITTED)
+    seeds = study.groupby("variant").seed.nunique()
+    for variant in ("bins", "continuous", "len64", "len64-bins", "len64-continuous"):
+        assert seeds.get(variant, 0) >= 3, f"{variant} has {seeds.get(variant, 0)} seeds"
+
+
+def test_gene_set_objective_adds_a_cell_loss_and_round_trips(tmp_path):
+    import importlib.util, torch
+    from scfoundation.model import ModelConfig, SCFModel, mask_batch, random_batch
+    spec = importlib.util.spec_from_file_location("pretraining_study", ROOT / "bench" / "pretraining_study.py")
+    study_script = importlib.util.module_from_spec(spec); spec.loader.exec_module(study_script)
+    config = ModelConfig.named("laptop", vocab_size=60, max_len=16)
+    torch.manual_seed(0)
+    probe = study_script.GeneSetObjective(config)
+    plain = SCFModel(config); plain.load_state_dict({k: v for k, v in probe.state_dict().items() if not k.startswith("gene_set_head")})
+    batch = mask_batch(random_batch(config, [11, 8, 5, 11], seed=1), config, 0.3, seed=2)
+    with torch.no_grad(): extra = probe(batch)["loss"] - plain(batch)["loss"]
+    assert extra > 0.1                                      # the BCE over the vocabulary starts near log 2
+    probe.save_pretrained(tmp_path / "probe")
+    again = study_script.GeneSetObjective.from_pretrained(tmp_path / "probe")
+    torch.testing.assert_close(again.gene_set_head.weight, probe.gene_set_head.weight)
+    with torch.no_grad(): torch.testing.assert_close(probe.embed(batch), plain.embed(batch))   # embeddings: the same network
