@@ -13,7 +13,7 @@ The committed table that chapter 17 plots (bench/results/pretraining_study.csv) 
     python bench/pretraining_study.py --runs bins continuous --seeds 1 2 --out bench/results/pretraining_study.csv
     python bench/pretraining_study.py --runs len128 len64-lr3e-4 --out bench/results/pretraining_study.csv
     python bench/pretraining_study.py --runs len64 len64-3000 len64-bins len64-continuous len64-geneset len64-geneset-cls \
-        len64-bins-geneset --seeds 0 1 2 --out bench/results/pretraining_study.csv
+        len64-bins-geneset len64-d256 len64-4layers --seeds 0 1 2 --out bench/results/pretraining_study.csv
 
 One row per (variant, seed, checkpoint step, pooling) with the loss, the cells and FLOPs seen so far,
 the wall time, and the kNN accuracy. Quality does not depend on the machine's load; the wall time does:
@@ -53,6 +53,8 @@ VARIANTS = {                                                     # name: (ModelC
     "len128": (dict(max_len=128), {}),
     "len64-lr3e-4": (dict(max_len=64), dict(lr=3e-4)),
     "len64-3000": (dict(max_len=64), dict(steps=3000, save_every=250)),         # the demo's 5-minute budget, spent on short cells
+    "len64-d256": (dict(max_len=64, d_model=256, d_ff=512), {}),   # width and depth at the laptop length
+    "len64-4layers": (dict(max_len=64, n_layers=4), {}),
     "len64-bins": (dict(max_len=64, input_kind="bins"), {}),     # the input kinds at the laptop length
     "len64-continuous": (dict(max_len=64, input_kind="continuous"), {}),
     "len64-geneset": (dict(max_len=64), {}),                     # + a cell-level objective (GeneSetObjective) on the mean
